@@ -1,0 +1,3 @@
+from dkd.cli import main
+
+main()

@@ -1,0 +1,262 @@
+"""One typed run configuration: defaults <- YAML file <- ``--set section.key=value``.
+
+Every field documents its unit. Unknown keys, wrong types and out-of-range values raise
+``ConfigError`` naming the dotted key and what was expected. The resolved config is dumped
+into the run directory, so a run is reproducible from its own ``config.yaml``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key in the message."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    kind: Literal["synthetic"] = "synthetic"
+    """Dataset. `synthetic`: Tang et al. 2020, section 5.1, generated on the fly from `seed`."""
+    num_classes: int = Field(100, ge=2)
+    """Number of classes C (>= 2)."""
+    input_dim: int = Field(32, ge=2)
+    """Input dimension of the synthetic samples."""
+    num_super_classes: int = Field(10, ge=1)
+    """Super-classes: orthonormal basis vectors the class vectors cluster around."""
+    similarity: float = Field(0.7, ge=0.0, le=1.0)
+    """Cosine similarity of each class vector to its super-class basis vector."""
+    difficulty: int = Field(2, ge=0)
+    """Number of sinusoidal terms added to the class scores (0 = linearly separable)."""
+    train_size: int = Field(20000, ge=1)
+    """Training samples (generated on the fly, no disk)."""
+    test_size: int = Field(2000, ge=1)
+    """Held-out samples for top-1."""
+    seed: int = 0
+    """Seed of the dataset (class vectors and samples); independent of the run seed."""
+
+
+class ModelConfig(_Section):
+    arch: Literal["mlp"] = "mlp"
+    """Backbone architecture (registry name)."""
+    hidden: int = Field(128, ge=1)
+    """Width of the residual MLP blocks."""
+    depth: int = Field(2, ge=0)
+    """Number of residual blocks (Linear-BN-ReLU-Linear-BN + skip)."""
+    feature_dim: int = Field(64, ge=1)
+    """Dimension d of the features fed to the classifier head."""
+    norm: Literal["batch", "layer", "none"] = "batch"
+    """Normalisation in the MLP. `layer` makes P data-parallel ranks match one process."""
+
+
+class TeacherConfig(_Section):
+    checkpoint: Optional[str] = None
+    """A teacher run directory (its last checkpoint is used) or a checkpoint file.
+    Required by every method except `hard` and `ls`."""
+
+
+METHODS = ("hard", "kd", "ls", "kd_pt", "kd_sim", "kd_pt_sim", "kd_topk",
+           "pdbs", "uniform", "ftis", "dis")
+SAMPLED_METHODS = ("uniform", "ftis", "dis")
+TEACHER_FREE_METHODS = ("hard", "ls")
+
+
+class MethodConfig(_Section):
+    name: str = "kd"
+    """One of: hard, kd, ls, kd_pt, kd_sim, kd_pt_sim, kd_topk, pdbs, uniform, ftis, dis."""
+    temperature: float = Field(4.0, gt=0)
+    """Softmax temperature T of the KD term (> 0)."""
+    lam: float = Field(0.9, ge=0.0, le=1.0)
+    """Weight of the KD term: loss = lam * T^2 * KD + (1 - lam) * CE(hard labels)."""
+    smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    """Label-smoothing epsilon for method `ls`."""
+    k: Optional[int] = Field(None, ge=1)
+    """Classes per sample for pdbs / kd_topk, and sampled draws m for uniform/ftis/dis."""
+    top_t: int = Field(0, ge=0)
+    """Teacher top-t classes always included (deterministic set) by sampled methods."""
+    mode: Literal["per_sample", "batch_shared"] = "batch_shared"
+    """How a proposal is applied: the paper's per-sample ranks, or one set for the batch."""
+    correction: Literal["expected", "paper"] = "expected"
+    """Log correction of sampled classes: log(m r) (consistent) or Algorithm 1 as printed."""
+    sim_temperature: float = Field(0.5, gt=0)
+    """KD-sim: temperature applied to the cosine similarities of teacher weight rows."""
+    sim_power: float = Field(1.0, gt=0)
+    """KD-sim: power applied to the resulting distribution before renormalising."""
+    pt_sim_alpha: float = Field(0.5, ge=0.0, le=1.0)
+    """KD-pt+sim: weight of KD-pt in the convex combination with KD-sim."""
+    dis_weight: float = Field(0.5, gt=0.0, lt=1.0)
+    """DIS: mixture weight of the left (rank 0) Laplace component."""
+    dis_b1: float = Field(3.0, gt=0)
+    """DIS: scale of the left Laplace, in percent of the rank axis (paper: 3)."""
+    dis_b2_start: float = Field(5.0, gt=0)
+    """DIS: scale of the right Laplace at step 0, percent of the rank axis (paper: 5)."""
+    dis_b2_end: float = Field(100.0, gt=0)
+    """DIS: scale of the right Laplace at the last step (grows linearly)."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.name not in METHODS:
+            raise ValueError(f"unknown method {self.name!r}; expected one of {', '.join(METHODS)}")
+        if self.name in SAMPLED_METHODS + ("pdbs", "kd_topk") and self.k is None:
+            raise ValueError(f"method {self.name!r} needs method.k (classes per sample, >= 1)")
+        return self
+
+
+class OptimConfig(_Section):
+    name: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam"
+    """Optimizer of the backbone and the head."""
+    lr: float = Field(3e-3, gt=0)
+    """Peak learning rate."""
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """SGD / RMSProp momentum."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """L2 weight decay (decoupled for adamw)."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up from 0 to `lr`, in optimizer steps."""
+    schedule: Literal["constant", "cosine"] = "cosine"
+    """Decay after warm-up: constant, or cosine to 0 at `train.steps`."""
+
+
+class TrainConfig(_Section):
+    steps: int = Field(400, ge=1)
+    """Optimizer steps."""
+    batch_size: int = Field(128, ge=1)
+    """Global batch size (samples per step over all ranks)."""
+    eval_batch_size: int = Field(1024, ge=1)
+    """Batch size of the held-out evaluation."""
+    log_every: int = Field(10, ge=1)
+    """Steps between metric lines."""
+    eval_every: int = Field(0, ge=0)
+    """Steps between held-out evaluations (0 = only at the end)."""
+    ckpt_every: int = Field(0, ge=0)
+    """Steps between checkpoints (0 = only at the end)."""
+
+
+class DistConfig(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: `auto` = CUDA when available (NCCL), else CPU (gloo)."""
+    zero_stage: int = Field(0, ge=0, le=3)
+    """DeepSpeed ZeRO stage for the backbone: 0, 1 or 2 (3 is not supported: the head is
+    sharded by class outside the engine)."""
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    """Backbone precision; `auto` = bf16 where the device supports it."""
+    grad_clip: float = Field(0.0, ge=0.0)
+    """Backbone gradient-norm clipping (0 = off). The head is not clipped."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step (train.batch_size is per micro-batch)."""
+    timeout_s: float = Field(300.0, gt=0)
+    """Collective timeout in seconds: if a rank dies, the others fail after this long."""
+    check_proposal_sync: bool = False
+    """Debug: all-reduce a fingerprint of the proposal state each step; fail on mismatch."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.zero_stage == 3:
+            raise ValueError("ZeRO stage 3 is not supported: the class-sharded head lives outside "
+                             "the DeepSpeed engine; use zero_stage 0, 1 or 2")
+        return self
+
+
+class ProfilingConfig(_Section):
+    enabled: bool = False
+    """Capture torch.profiler traces (Chrome + TensorBoard) on the scheduled steps."""
+    wait: int = Field(2, ge=0)
+    """Profiler schedule: steps skipped before warm-up."""
+    warmup: int = Field(2, ge=0)
+    """Profiler schedule: warm-up steps (traced, discarded)."""
+    active: int = Field(3, ge=1)
+    """Profiler schedule: steps recorded into the trace."""
+    sync: bool = False
+    """Synchronise the device around timed regions (exact per-region GPU times, slower)."""
+
+
+class WandbConfig(_Section):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    """W&B mode. `online` needs `project` and a login, else it falls back to offline."""
+    project: Optional[str] = None
+    """W&B project (online mode)."""
+
+
+class RunConfig(_Section):
+    name: Optional[str] = None
+    """Run name; the run directory is `<out_dir>/<name>`. Default: a timestamp."""
+    out_dir: str = "runs"
+    """Parent directory of run directories."""
+    seed: int = 0
+    """Seed of initialisation and data order."""
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    method: MethodConfig = MethodConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    dist: DistConfig = DistConfig()
+    profiling: ProfilingConfig = ProfilingConfig()
+    wandb: WandbConfig = WandbConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        k = self.method.k
+        if k is not None and k >= self.data.num_classes:
+            raise ValueError(f"method.k = {k} must be < data.num_classes = {self.data.num_classes}")
+        return self
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<config>"
+        msg = e["msg"].removeprefix("Value error, ")
+        got = f" (got {e['input']!r})" if e["type"] != "value_error" and "input" in e else ""
+        lines.append(f"{key}: {msg}{got}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def validate(raw: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults <- YAML file (if given) <- overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return validate(apply_overrides(raw, list(overrides)))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

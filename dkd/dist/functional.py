@@ -1,0 +1,128 @@
+"""Collectives with autograd, and the distributed log-sum-exp every softmax in dkd uses.
+
+All functions take the process group explicitly. ``group=None`` means "no class sharding":
+the collective is the identity and nothing is communicated, so the same math runs in one
+process and on P class shards.
+
+Convention for the class-sharded softmax: every rank holds a block of *columns* (classes,
+or sampled classes) of the same rows (the global batch). A loss built from these blocks is
+*replicated*: every rank computes the identical scalar. Backpropagating that replicated
+scalar on every rank must give each rank the gradient of its own columns, so reductions
+over columns are "all-reduce forward, identity backward" (Megatron's
+``reduce_from_model_parallel_region``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+class _AllReduceSumIdentityBackward(torch.autograd.Function):
+    """Sum a tensor over the ranks of ``group``.
+
+    forward:  all-reduce SUM, shape preserved, e.g. (B,) partial sums -> (B,) global sums.
+    backward: identity. The output feeds a loss that every rank computes identically, so
+              d loss / d local_part = d loss / d global_sum on every rank; summing the
+              incoming gradients again would scale them by P.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Differentiable all-reduce SUM over columns held by different ranks (see module doc)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    return _AllReduceSumIdentityBackward.apply(x, group)
+
+
+def all_reduce_max(x: torch.Tensor, group=None) -> torch.Tensor:
+    """All-reduce MAX, no gradient (used only as a numerical shift inside log-sum-exp)."""
+    x = x.detach()
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+    return x
+
+
+def logsumexp(x: torch.Tensor, group=None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Row-wise log-sum-exp over the columns of ``x`` on all ranks of ``group``.
+
+    x: (B, n_local) column block; returns (B,). Two collectives: MAX of the row maxima
+    (no grad), then a differentiable SUM of exp(x - max). Columns set to -inf contribute 0.
+    A rank with no columns (n_local = 0) still joins both collectives.
+    """
+    if x.shape[-1] == 0:
+        local_max = torch.full(x.shape[:-1], float("-inf"), dtype=x.dtype, device=x.device)
+    else:
+        local_max = x.detach().amax(dim=-1)
+    shift = all_reduce_max(local_max, group)
+    # A row that is -inf everywhere would give nan; it cannot occur for a valid softmax.
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    sumexp = torch.exp(x - shift.unsqueeze(-1)).sum(dim=-1)
+    return shift + torch.log(all_reduce_sum(sumexp, group))
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather row blocks (e.g. features) from every rank of ``group`` with autograd.
+
+    forward:  all-gather; (B_local, d) on each rank -> (sum_r B_r, d), rank order. Ranks may
+              hold different B_local; the sizes are exchanged first.
+    backward: every rank's gathered gradient holds the contribution of *its own columns*
+              only, so the gradient of rank r's rows is the SUM over ranks of their slice r
+              (a reduce-scatter; done as all-reduce + slice so uneven B works on gloo).
+              It is then multiplied by ``scale``: the data-parallel engine *averages*
+              backbone gradients over P ranks, so the caller passes scale = P to turn that
+              average back into the gradient of the replicated loss.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group, scale):
+        sizes = torch.tensor([x.shape[0]], device=x.device)
+        all_sizes = [torch.zeros_like(sizes) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(all_sizes, sizes, group=group)
+        sizes = [int(s.item()) for s in all_sizes]
+        chunks = [x.new_empty((n,) + tuple(x.shape[1:])) for n in sizes]
+        dist.all_gather(chunks, x.contiguous(), group=group)
+        ctx.group, ctx.scale, ctx.sizes = group, scale, sizes
+        return torch.cat(chunks, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        rank = dist.get_rank(ctx.group)
+        start = sum(ctx.sizes[:rank])
+        return grad[start:start + ctx.sizes[rank]] * ctx.scale, None, None
+
+
+def gather_rows(x: torch.Tensor, group=None, scale: float = 1.0) -> torch.Tensor:
+    """All-gather rows with autograd (see ``_GatherRows``); identity without a group."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    return _GatherRows.apply(x, group, scale)
+
+
+def gather_rows_nograd(x: torch.Tensor, group=None) -> torch.Tensor:
+    """All-gather rows of a tensor that needs no gradient (labels, teacher data, ids)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    with torch.no_grad():
+        return _GatherRows.apply(x.detach(), group, 1.0)

@@ -1,0 +1,91 @@
+"""Assemble the parts of a run from the config: data, teacher, DeepSpeed engine for the
+backbone, the class-sharded head (a sibling of the engine, never inside it) with its
+row-sparse optimizer, and the softmax layer of the chosen method."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dkd.config import TEACHER_FREE_METHODS, ConfigError, RunConfig
+from dkd.data import DataBundle, build_data
+from dkd.engine.distributed import DistContext
+from dkd.engine.schedule import build_optimizer
+from dkd.engine.softmax_layer import SoftmaxLayer
+from dkd.head.head import ShardedHead
+from dkd.head.sparse_optim import SparseRowOptimizer
+from dkd.models import build_backbone
+from dkd.teacher.live import LiveTeacher
+
+
+@dataclass
+class TrainParts:
+    ctx: DistContext
+    data: DataBundle
+    teacher: LiveTeacher | None
+    teacher_weight: torch.Tensor | None
+    engine: Any
+    head: ShardedHead
+    head_opt: SparseRowOptimizer
+    layer: SoftmaxLayer
+    lr: float = 0.0
+
+
+def use_bf16(cfg: RunConfig, ctx: DistContext) -> bool:
+    if cfg.dist.precision == "bf16":
+        return True
+    return (cfg.dist.precision == "auto" and ctx.device.type == "cuda"
+            and torch.cuda.is_bf16_supported())
+
+
+def deepspeed_config(cfg: RunConfig, ctx: DistContext) -> dict:
+    """The DeepSpeed config, derived from RunConfig (the one source of truth)."""
+    micro = -(-cfg.train.batch_size // ctx.world)  # ranks may hold uneven rows
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": cfg.dist.grad_accum,
+        "train_batch_size": micro * cfg.dist.grad_accum * ctx.world,
+        "zero_optimization": {"stage": cfg.dist.zero_stage},
+        "gradient_clipping": cfg.dist.grad_clip,
+        "bf16": {"enabled": use_bf16(cfg, ctx)},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def head_optimizer(head: ShardedHead, cfg: RunConfig) -> SparseRowOptimizer:
+    o = cfg.optim
+    kind = {"sgd": "sgd", "adam": "adam", "adamw": "adamw", "rmsprop": "rmsprop"}[o.name]
+    return head.make_optimizer(kind, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def check_inputs(cfg: RunConfig, ctx: DistContext) -> LiveTeacher | None:
+    """Everything that can be refused before the run directory is touched."""
+    if ctx.world > cfg.data.num_classes:
+        raise ConfigError(f"world size {ctx.world} exceeds data.num_classes = "
+                          f"{cfg.data.num_classes}: every rank must own at least one class")
+    if cfg.method.name not in TEACHER_FREE_METHODS and cfg.teacher.checkpoint is None:
+        raise ConfigError(f"method {cfg.method.name!r} needs a teacher: set teacher.checkpoint "
+                          "to a teacher run directory")
+    if cfg.teacher.checkpoint is None:
+        return None
+    return LiveTeacher(cfg.teacher.checkpoint, cfg.data.num_classes, cfg.data.input_dim,
+                       ctx.device)
+
+
+def assemble(cfg: RunConfig, ctx: DistContext, teacher: LiveTeacher | None) -> TrainParts:
+    import deepspeed
+
+    data = build_data(cfg.data)
+    torch.manual_seed(cfg.seed)  # same backbone init on every rank and every world size
+    backbone = build_backbone(cfg.model, data.input_dim).to(ctx.device)
+    optimizer = build_optimizer(backbone.parameters(), cfg.optim)
+    engine, _, _, _ = deepspeed.initialize(model=backbone, optimizer=optimizer,
+                                           config=deepspeed_config(cfg, ctx))
+    head = ShardedHead(data.num_classes, cfg.model.feature_dim, ctx.group,
+                       init_std=(3 * cfg.model.feature_dim) ** -0.5, seed=cfg.seed, device=ctx.device)
+    layer = SoftmaxLayer(cfg.method, data.num_classes, head.start, head.end, ctx.group,
+                         cfg.train.steps)
+    return TrainParts(ctx, data, teacher, teacher.head_weight if teacher else None,
+                      engine, head, head_optimizer(head, cfg), layer)

@@ -1,0 +1,178 @@
+"""`dkd train`: the training loop, read top to bottom.
+
+One step: global batch ids (a function of the step) -> this rank's rows -> teacher logits
+-> backbone features (DeepSpeed engine) -> all-gather -> softmax layer on this rank's head
+shard -> backward of the head and loss (timed as the softmax layer) -> backward of the
+backbone through the all-gather (engine) -> sparse head update -> engine step.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dkd.config import ConfigError, RunConfig
+from dkd.data import global_batch_indices, local_slice
+from dkd.dist.functional import gather_rows, gather_rows_nograd
+from dkd.engine import checkpoint as ckpt
+from dkd.engine.assemble import TrainParts, assemble, check_inputs
+from dkd.engine.distributed import DistContext, init_distributed
+from dkd.engine.evaluate import evaluate_top1
+from dkd.engine.rundir import atomic_write_json, atomic_write_text, default_name, prepare_run_dir
+from dkd.engine.schedule import lr_at, set_lr
+from dkd.engine.sync import check_proposal_sync
+from dkd.logging.progress import make_progress
+from dkd.logging.sinks import make_sinks
+from dkd.profiling.timers import RegionTimer
+from dkd.profiling.trace import maybe_profile
+from dkd.teacher.live import export_model
+
+
+def _agree_run_dir(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> Path:
+    """Rank 0 creates the run directory (or reports why it cannot); all ranks agree on it."""
+    msg = [None, None]
+    if ctx.is_rank0:
+        try:
+            msg[0] = str(prepare_run_dir(cfg, cfg.name or default_name(), overwrite, resume))
+        except ConfigError as err:
+            msg[1] = str(err)
+    if ctx.world > 1:
+        dist.broadcast_object_list(msg, src=0)
+    if msg[1] is not None:
+        raise ConfigError(msg[1])
+    return Path(msg[0])
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric lines past the checkpoint: they are about to be redone."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines(keepends=True)
+            if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    atomic_write_text(path, "".join(keep))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """Sampling randomness of one step: identical on every rank and across resumes."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step + 17)
+
+
+def train_step(p: TrainParts, cfg: RunConfig, step: int, timer: RegionTimer) -> dict:
+    ctx, group = p.ctx, p.ctx.group
+    ids = global_batch_indices(step, len(p.data.train), cfg.train.batch_size, cfg.seed)
+    x, y = p.data.train.get(ids[local_slice(len(ids), ctx.world, ctx.rank)])
+    x, y = x.to(ctx.device), y.to(ctx.device)
+    with timer.region("teacher"):
+        t_local = p.teacher.logits(x) if p.teacher is not None else None
+    with timer.region("backbone_fwd"):
+        f_local = p.engine(x)
+    with timer.region("comm"):
+        feats = gather_rows(f_local, group, scale=float(ctx.world))    # (B, d)
+        y_g = gather_rows_nograd(y, group)
+        t_g = gather_rows_nograd(t_local, group) if t_local is not None else None
+    # The head and loss run on a detached copy of the features, so their forward and
+    # backward can be timed apart from the backbone; the backbone then receives the
+    # feature gradient through a surrogate loss <feats, dL/dfeats>.
+    feats_d = feats.detach().requires_grad_(True)
+    with timer.region("softmax_layer"):
+        out = p.layer(feats_d, p.head, y_g, t_g, p.teacher_weight, step_generator(cfg.seed, step))
+        out["loss"].backward()
+    with timer.region("backbone_bwd"):
+        p.engine.backward((feats * feats_d.grad.to(feats.dtype)).sum())
+    with timer.region("softmax_layer"), timer.region("optimizer"):
+        p.head.apply_grads(p.head_opt, lr=p.lr)
+    with timer.region("optimizer"):
+        p.engine.step()
+    if p.layer.proposal is not None:
+        p.layer.proposal.advance()
+    return out
+
+
+def _metrics(out: dict, step: int, lr: float, times: dict, iter_ms: float, p: TrainParts) -> dict:
+    m = {"kind": "train", "step": step + 1, "loss": out["loss"].item(), "lr": lr,
+         "iter_ms": iter_ms, "loss/kd": float(out["kd"]), "loss/ce": float(out["ce"]),
+         "n_sampled": int(out["n_sampled"])}
+    for name in ("softmax", "sampling", "comm", "teacher", "backbone_fwd", "backbone_bwd",
+                 "optimizer"):
+        m[f"{name}_ms"] = times.get(f"{name}_ms", 0.0)
+    prop = p.layer.proposal
+    if prop is not None and hasattr(prop, "b2"):
+        m["proposal/b2"] = prop.b2()
+    return m
+
+
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    ctx = init_distributed(cfg.dist.device, cfg.dist.timeout_s)
+    teacher = check_inputs(cfg, ctx)
+    run_dir = _agree_run_dir(cfg, ctx, resume, overwrite)
+    p = assemble(cfg, ctx, teacher)
+    start_step = 0
+    if resume:
+        state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir), p.engine, p.head,
+                                     p.head_opt, p.data.num_classes)
+        start_step = state["step"]
+        if p.layer.proposal is not None:
+            p.layer.proposal.load_state_dict(state["proposal"])
+        if ctx.is_rank0:
+            truncate_metrics(run_dir / "metrics.jsonl", start_step)
+    sinks = make_sinks(run_dir, cfg.model_dump(mode="json"), cfg.wandb, ctx.is_rank0)
+    timer = RegionTimer(ctx.device, enabled=True, sync=cfg.profiling.sync)
+    p.layer.region = timer.region
+    t_start = time.perf_counter()
+    with maybe_profile(cfg.profiling.enabled and ctx.is_rank0, run_dir, cfg.profiling.wait,
+                       cfg.profiling.warmup, cfg.profiling.active, device=ctx.device) as prof, \
+            make_progress(cfg.train.steps, ctx.is_rank0, start_step=start_step) as bar:
+        for step in range(start_step, cfg.train.steps):
+            t0 = time.perf_counter()
+            p.lr = lr_at(step, cfg.train.steps, cfg.optim)
+            set_lr(p.engine.optimizer, p.lr)
+            if cfg.dist.check_proposal_sync and p.layer.proposal is not None:
+                check_proposal_sync(p.layer.proposal, ctx.group)
+            out = train_step(p, cfg, step, timer)
+            prof.step()
+            times, iter_ms = timer.collect(), (time.perf_counter() - t0) * 1e3
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+                m = _metrics(out, step, p.lr, times, iter_ms, p)
+                sinks.log(m, step=step + 1)
+                bar.update(step, loss=m["loss"], softmax_ms=m["softmax_ms"])
+            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
+                sinks.log({"kind": "eval", "step": step + 1, "eval/top1": _eval(p, cfg)}, step=step + 1)
+            if cfg.train.ckpt_every and (step + 1) % cfg.train.ckpt_every == 0:
+                _save(p, run_dir, step + 1)
+    for path in getattr(prof, "trace_paths", []):
+        sinks.log_artifact(path, name=f"trace-{Path(path).stem}", type="trace")
+    top1 = _eval(p, cfg)
+    sinks.log({"kind": "eval", "step": cfg.train.steps, "eval/top1": top1}, step=cfg.train.steps)
+    _save(p, run_dir, cfg.train.steps)
+    _finish(p, cfg, run_dir, top1, time.perf_counter() - t_start)
+    sinks.finish()
+    return run_dir
+
+
+def _eval(p: TrainParts, cfg: RunConfig) -> float:
+    return evaluate_top1(p.engine.module, p.head.weight, p.head.start, p.data.test,
+                         p.ctx.device, cfg.train.eval_batch_size, p.ctx.group)
+
+
+def _save(p: TrainParts, run_dir: Path, step: int) -> None:
+    prop = p.layer.proposal
+    state = {"step": step, "proposal": prop.state_dict() if prop is not None else None}
+    ckpt.save_checkpoint(run_dir, step, p.engine, p.head, p.head_opt, state, p.ctx)
+
+
+def _finish(p: TrainParts, cfg: RunConfig, run_dir: Path, top1: float, wall_s: float) -> None:
+    """Export model.pt (full head gathered from the shards) and write summary.json."""
+    full_head = gather_rows_nograd(p.head.weight, p.ctx.group)
+    if not p.ctx.is_rank0:
+        return
+    export_model(run_dir / "model.pt", cfg.model, p.data.num_classes, p.data.input_dim,
+                 p.engine.module, full_head)
+    summary = {"name": run_dir.name, "method": cfg.method.name, "classes": p.data.num_classes,
+               "k": cfg.method.k, "mode": cfg.method.mode if cfg.method.k else None,
+               "steps": cfg.train.steps, "top1": top1, "wall_s": round(wall_s, 3),
+               "world_size": p.ctx.world, "teacher": cfg.teacher.checkpoint}
+    atomic_write_json(run_dir / "summary.json", summary)
+    print(json.dumps(summary), flush=True)

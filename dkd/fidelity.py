@@ -1,0 +1,186 @@
+"""Gradient fidelity: how close each sampled method's gradient is to the full-KD gradient.
+
+On a random but teacher-like problem (features, a student head, a peaked teacher whose
+ranking is correlated with the student's), every method's KD gradient with respect to the
+student logits (the sampled-column gradient scattered back to (B, C)) and to the head
+weight (C, d) is compared with the full-KD gradient: cosine similarities and the relative
+error ||g - g_full|| / ||g_full|| of the weight gradient. The KD term alone is compared
+(lam = 1 by default) so the numbers describe the estimator, not the CE mixing.
+
+k is the per-row budget: the target, the teacher's top_t classes (0 by default) and
+k - 1 - top_t draws. In batch_shared mode the deterministic set is every target of the
+batch, so a row sees up to B - 1 more exact columns than k; ``columns`` records the mean number of columns each row actually uses.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+
+from dkd.losses.pdbs import pdbs_loss
+from dkd.losses.sampled import sampled_kd_reference
+from dkd.losses.softmax import full_kd_terms, mix
+from dkd.losses.targets import kd_target
+from dkd.sampling.proposals import build_proposal
+from dkd.sampling.sampler import sample_classes
+
+SAMPLED = ("uniform", "ftis", "teacher", "dis", "laplace")
+
+
+def make_problem(classes: int, batch: int, dim: int, T: float, seed: int) -> dict:
+    """A synthetic distillation step.
+
+    Student logits z = features @ weight.T with z/T of std 2 per row. Teacher logits
+    a/T = 3 * (0.6 * standardised(z) + 0.8 * noise), then the target is raised to 1 above
+    the row maximum: a peaked teacher (top mass in a handful of classes) that agrees with
+    the student only in part, as mid-way through a distillation run.
+    """
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, dim, generator=g)
+    weight = torch.randn(classes, dim, generator=g) / math.sqrt(dim)
+    z = features @ weight.t()
+    scale = 2.0 * T / z.std(dim=1).mean()
+    weight = weight * scale
+    zs = (z - z.mean(1, keepdim=True)) / z.std(1, keepdim=True)
+    a = 3.0 * (0.6 * zs + 0.8 * torch.randn(batch, classes, generator=g))
+    y = torch.randint(0, classes, (batch,), generator=g)
+    a[torch.arange(batch), y] = a.max(1).values + 1.0
+    return {"features": features, "weight": weight, "teacher": a * T, "y": y}
+
+
+def _full_grads(prob: dict, T: float, lam: float):
+    w = prob["weight"].clone().requires_grad_(True)
+    z = prob["features"] @ w.t()
+    loss = mix(full_kd_terms(z, kd_target(prob["teacher"], T), prob["y"], T), lam, T)["loss"]
+    gz, gw = torch.autograd.grad(loss, [z, w])
+    return gz, gw
+
+
+def _scatter_cols(g_cols: torch.Tensor, sample_set, C: int) -> torch.Tensor:
+    """(B, n) gradient on sampled columns -> (B, C); duplicate columns add up."""
+    full = g_cols.new_zeros(g_cols.shape[0], C)
+    cls = sample_set.classes
+    if cls.dim() == 1:
+        return full.index_add_(1, cls, g_cols)
+    if sample_set.mask is not None:
+        g_cols = g_cols * sample_set.mask
+    return full.scatter_add_(1, cls, g_cols)
+
+
+def _sampled_grads(prob, method, mode, correction, k, T, lam, seed, dis_progress, top_t):
+    C = prob["weight"].shape[0]
+    params = {"temperature": T} if method in ("ftis", "teacher") else {}
+    proposal = build_proposal(method, **params)
+    if method in ("dis", "laplace"):
+        proposal.advance(round(dis_progress * proposal.total_steps))
+    gen = torch.Generator().manual_seed(seed)
+    ss = sample_classes(prob["teacher"], prob["y"], proposal, k - 1 - top_t, mode=mode,
+                        top_t=top_t, correction=correction, generator=gen)
+    w = prob["weight"].clone().requires_grad_(True)
+    out = sampled_kd_reference(prob["features"], w, prob["teacher"], prob["y"], ss, T, lam)
+    g_cols, gw = torch.autograd.grad(out["loss"], [out["student_cols"], w])
+    if ss.mask is not None:
+        cols = float(ss.mask.sum(1).double().mean())
+    else:
+        cols = float(ss.num_columns)
+    return _scatter_cols(g_cols, ss, C), gw, cols
+
+
+def _pdbs_grads(prob, k, T, lam):
+    w = prob["weight"].clone().requires_grad_(True)
+    z = prob["features"] @ w.t()
+    out = pdbs_loss(z, prob["teacher"], prob["y"], k, T, lam)
+    gz, gw = torch.autograd.grad(out["loss"], [z, w])
+    return gz, gw, float(k)
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().reshape(-1), b.double().reshape(-1)
+    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+def _configs(methods, modes, corrections, k, C):
+    for method in methods:
+        if method == "pdbs":
+            if k < C:     # PDBS with k >= C would be the full loss itself
+                yield method, "per_sample", "none"
+        elif method in SAMPLED:
+            for mode in modes:
+                for correction in corrections:
+                    yield method, mode, correction
+        else:
+            raise ValueError(f"unknown method '{method}'; expected pdbs or one of {SAMPLED}")
+
+
+def run_fidelity(classes: int, batch: int, ks, dim: int = 64, seeds: int = 3,
+                 methods=("uniform", "ftis", "dis", "pdbs"),
+                 modes=("per_sample", "batch_shared"), corrections=("expected", "paper"),
+                 temperature: float = 4.0, lam: float = 1.0,
+                 dis_progress: float = 0.0, top_t: int = 0) -> list[dict]:
+    """Fidelity records, means over ``seeds`` problems.
+
+    Each record: method, mode, correction ("none" for PDBS), classes, k, batch, columns
+    (mean columns per row), cosine_logits, cosine_weight, rel_err (weight gradient).
+    dis_progress in [0, 1]: where in its b2 schedule the DIS proposal is evaluated.
+    top_t: teacher top classes added to the deterministic set of the sampled methods.
+    """
+    if any(k < 2 + top_t for k in ks):
+        raise ValueError(f"every k must be >= top_t + 2 = {top_t + 2} (target, top_t, and "
+                         f"at least one draw), got {list(ks)}")
+    if not 0.0 <= dis_progress <= 1.0:
+        raise ValueError(f"dis_progress must be in [0, 1], got {dis_progress}")
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    acc: dict[tuple, list[list[float]]] = {}
+    for s in range(seeds):
+        prob = make_problem(classes, batch, dim, temperature, seed=s)
+        gz_full, gw_full = _full_grads(prob, temperature, lam)
+        for k in ks:
+            for i, (method, mode, corr) in enumerate(
+                    _configs(methods, modes, corrections, k, classes)):
+                if method == "pdbs":
+                    gz, gw, cols = _pdbs_grads(prob, k, temperature, lam)
+                else:
+                    gz, gw, cols = _sampled_grads(prob, method, mode, corr, k, temperature,
+                                                  lam, 1_000_003 * s + 1009 * k + i,
+                                                  dis_progress, top_t)
+                rel = float((gw - gw_full).norm() / gw_full.norm())
+                acc.setdefault((method, mode, corr, k), []).append(
+                    [cols, _cos(gz, gz_full), _cos(gw, gw_full), rel])
+    records = []
+    for (method, mode, corr, k), rows in acc.items():
+        mean = torch.tensor(rows, dtype=torch.float64).mean(0).tolist()
+        records.append({"method": method, "mode": mode, "correction": corr,
+                        "classes": classes, "k": k, "batch": batch, "columns": mean[0],
+                        "cosine_logits": mean[1], "cosine_weight": mean[2],
+                        "rel_err": mean[3]})
+    return records
+
+
+def fidelity_markdown(records: list[dict]) -> str:
+    """Records as a markdown table, sorted by classes, k, method, mode, correction."""
+    head = ("| C | k | method | mode | correction | cols/row | cos logits | cos weight "
+            "| rel err |\n|---|---|---|---|---|---|---|---|---|\n")
+    key = lambda r: (r["classes"], r["k"], r["method"], r["mode"], r["correction"])
+    rows = [f"| {r['classes']} | {r['k']} | {r['method']} | {r['mode']} | "
+            f"{r['correction']} | {r['columns']:.0f} | {r['cosine_logits']:.4f} | "
+            f"{r['cosine_weight']:.4f} | {r['rel_err']:.3f} |"
+            for r in sorted(records, key=key)]
+    return head + "\n".join(rows) + "\n"
+
+
+def write_fidelity(records: list[dict], out_json: str) -> str:
+    """Write records to out_json and the markdown table next to it (.md), atomically.
+
+    Returns the markdown path.
+    """
+    md_path = os.path.splitext(out_json)[0] + ".md"
+    for path, text in ((out_json, json.dumps(records, indent=1)),
+                       (md_path, fidelity_markdown(records))):
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    return md_path

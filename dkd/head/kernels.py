@@ -1,0 +1,241 @@
+"""Sampled-logit kernels for the class-sharded head: one interface, three paths.
+
+    logits, handle = sampled_logits(features, weight, cols, path="auto")
+    loss(logits).backward()
+    rows, grad = handle.collect()        # (u,) local row ids, (u, d) their gradient
+
+The head weight (C_local, d) never enters autograd as a leaf: that would allocate and
+fill a dense (C_local, d) gradient every step, which is exactly the cost sampling removes.
+Instead each call gathers the rows it needs into a small leaf ``W_U = weight[U]`` (u, d)
+(InsightFace Partial FC does the same), and autograd fills ``W_U.grad``. The sparse row
+optimizer then updates those u rows of the weight in place.
+
+Paths (none runs a collective; the distributed softmax reduces over columns later):
+
+* ``batch_shared`` — cols (n,): one class set for the whole batch. One GEMM
+  (B, d) @ (d, n). Duplicate ids in cols are kept as separate columns (the estimator
+  counts draws); their row gradients are summed by the optimizer.
+* ``union`` — cols (B, k) per sample: U = unique(cols), one GEMM (B, d) @ (d, |U|), then
+  a gather to (B, k). Wins when samples share most of their classes (|U| << B·k).
+* ``gather_dot`` — cols (B, k): logits[b, j] = φ_b · W[cols[b, j]] by a custom autograd
+  Function that never keeps a (B, k, d) tensor: the forward gathers rows chunk-wise, and
+  both backward products are ``embedding_bag`` sums (no B×k×d materialisation at all).
+  Wins when samples share few classes (|U| ≈ B·k).
+* ``auto`` — batch_shared for 1-D cols; for 2-D cols the cheaper of union / gather_dot
+  under ``path_costs`` (documented there). The chosen path is ``handle.path``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PATHS = ("batch_shared", "union", "gather_dot")
+
+# Machine balance in flop per byte: how many GEMM flops cost as much time as moving one
+# byte through memory. Measured ~8 for fp32 on 2 CPU cores; an H100 is ~20 (fp32 CUDA
+# cores) to ~150 (TF32/bf16 tensor cores). Higher values favour the gather path.
+DEFAULT_BALANCE = 10.0
+
+# Bytes of (rows, k, d) gathered per forward chunk of gather_dot: bounds the transient.
+_CHUNK_BYTES = 4 * 2 ** 20
+
+
+class RowGrad:
+    """Handle to the gradient of the weight rows one logits call touched.
+
+    rows:   (u,) long local row ids into the weight, or None for "all rows" (full path).
+    path:   which kernel produced the logits (for logging).
+    unique: True when ``rows`` has no duplicates (the optimizer may then skip coalescing).
+    leaf:   (u, d) gathered rows whose ``.grad`` autograd fills (batch_shared, union,
+            full); None for gather_dot, whose backward writes ``_grad`` itself.
+    """
+
+    def __init__(self, rows, path: str, unique: bool, leaf: torch.Tensor | None = None,
+                 active: bool | None = None):
+        self.rows, self.path, self.unique, self.leaf = rows, path, unique, leaf
+        self.active = leaf.requires_grad if active is None else active  # grad can arrive
+        self._grad: torch.Tensor | None = None
+
+    @property
+    def grad(self) -> torch.Tensor | None:
+        if self.leaf is not None:
+            return self.leaf.grad if self.leaf.requires_grad else None
+        return self._grad
+
+    def collect(self):
+        """(rows, grad (u, d)) after backward; None if no gradient reached these rows."""
+        g = self.grad
+        return None if g is None else (self.rows, g)
+
+    def __repr__(self) -> str:
+        u = "all" if self.rows is None else self.rows.numel()
+        return f"RowGrad(path={self.path!r}, rows={u}, unique={self.unique})"
+
+
+def _leaf(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(u, d) copy of the given rows, a fresh autograd leaf when grad mode is on."""
+    w = weight.detach().index_select(0, rows)
+    return w.requires_grad_(torch.is_grad_enabled())
+
+
+def unique_rows(cols: torch.Tensor, with_inverse: bool = True):
+    """Unique ids of ``cols`` with everything the per-sample kernels need, from ONE sort.
+
+    Returns (U (u,) sorted unique ids,
+             inv (shape of cols) index of each entry in U, or None without ``with_inverse``,
+             order (n,) the sort permutation of cols.flatten(),
+             starts (u,) offset of each id's first entry in sorted order).
+    ``order``/``starts`` group the entries by row (a CSR layout), which gather_dot's
+    row-gradient ``embedding_bag`` uses. On an accelerator this synchronises once (u is
+    data-dependent).
+    """
+    flat = cols.reshape(-1)
+    sorted_ids, order = torch.sort(flat)
+    new = torch.ones_like(sorted_ids, dtype=torch.bool)
+    new[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    starts = new.nonzero().squeeze(1)
+    inv = None
+    if with_inverse:
+        group = new.cumsum(0) - 1  # (n,) position in U of each sorted entry
+        inv = torch.empty_like(group).scatter_(0, order, group).view(cols.shape)
+    return sorted_ids.index_select(0, starts), inv, order, starts
+
+
+class _GatherDot(torch.autograd.Function):
+    """logits[b, j] = features[b] · weight[cols[b, j]], never holding a (B, k, d) tensor.
+
+    Collectives: none in forward or backward (purely column-local).
+    forward:  features (B, d), anchor () leaf, weight (C_local, d) detached, cols (B, k),
+              order (n,), starts (u,), handle -> logits (B, k). Rows are gathered straight
+              from the weight and multiplied in chunks of at most _CHUNK_BYTES (small
+              enough to stay in cache and be recycled by the host allocator).
+    backward: grad (B, k) ->
+              grad_features (B, d) = Σ_j g[b, j] weight[cols[b, j]]
+                  (one embedding_bag, bags = samples);
+              row gradient (u, d) = Σ_{(b, j): cols = U_i} g[b, j] φ_b
+                  (one embedding_bag over φ, bags = unique rows from ``order``/``starts``),
+                  written into ``handle`` (accumulated over repeated backwards).
+    ``anchor`` is a 0-d leaf that only makes autograd call this backward even when the
+    features need no gradient; it gets None. No (u, d) copy of the rows is made.
+    """
+
+    @staticmethod
+    def forward(ctx, features, anchor, weight, cols, order, starts, handle):
+        B, k = cols.shape
+        d = features.shape[1]
+        out = features.new_empty((B, k))
+        step = max(1, _CHUNK_BYTES // max(1, k * d * features.element_size()))
+        for b0 in range(0, B, step):
+            idx = cols[b0:b0 + step]
+            w = weight.index_select(0, idx.reshape(-1)).view(idx.shape[0], k, d)
+            out[b0:b0 + step] = torch.bmm(w, features[b0:b0 + step].unsqueeze(2)).squeeze(2)
+        ctx.save_for_backward(features, weight, cols, order, starts)
+        ctx.handle = handle
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        features, weight, cols, order, starts = ctx.saved_tensors
+        grad = grad.contiguous()
+        g_feat = None
+        if ctx.needs_input_grad[0]:
+            g_feat = F.embedding_bag(cols, weight, mode="sum", per_sample_weights=grad)
+        if ctx.needs_input_grad[1]:
+            sample_of = torch.div(order, cols.shape[1], rounding_mode="floor")  # (n,)
+            g_rows = F.embedding_bag(sample_of, features, starts, mode="sum",
+                                     per_sample_weights=grad.reshape(-1).index_select(0, order))
+            h = ctx.handle
+            h._grad = g_rows if h._grad is None else h._grad + g_rows
+        return g_feat, None, None, None, None, None, None
+
+
+def path_costs(B: int, k: int, d: int, u: int, balance: float = DEFAULT_BALANCE,
+               itemsize: int = 4) -> dict[str, float]:
+    """Cost model for the per-sample paths, in "GEMM-flop equivalents".
+
+    cost = GEMM flops + balance · bytes moved, forward + backward:
+      union:      flops 6·B·u·d (three (B, d, u) GEMMs);
+                  bytes (5·u·d + 5·B·u + 3·B·d)·itemsize (gather W_U, logits, the
+                  scatter of the (B, u) gradient, the operands of the backward GEMMs);
+      gather_dot: no GEMM (its dots are memory-bound);
+                  bytes (5·B·k·d + 3·u·d)·itemsize (forward gather write + read, two
+                  embedding_bag passes over B·k rows, gather W_U and write its gradient).
+    Dropping the small terms, union wins when u/k < 20·balance·d / (6·d + 20·balance),
+    i.e. when samples share classes heavily (≈ |U| < 30·k at balance 10, d = 512).
+    """
+    union = 6.0 * B * u * d + balance * itemsize * (5.0 * u * d + 5.0 * B * u + 3.0 * B * d)
+    gather = balance * itemsize * (5.0 * B * k * d + 3.0 * u * d)
+    return {"union": union, "gather_dot": gather}
+
+
+def _check(features: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor) -> None:
+    if features.dim() != 2:
+        raise ValueError(f"features must have shape (B, d), got {tuple(features.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != features.shape[1]:
+        raise ValueError(f"weight must have shape (C_local, {features.shape[1]}), "
+                         f"got {tuple(weight.shape)}")
+    if cols.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cols must be an integer tensor of local row ids, got {cols.dtype}")
+    if cols.dim() == 2 and cols.shape[0] != features.shape[0]:
+        raise ValueError(f"cols must have shape (n,) or (B={features.shape[0]}, k), "
+                         f"got {tuple(cols.shape)}")
+    if cols.dim() not in (1, 2):
+        raise ValueError(f"cols must have shape (n,) or (B, k), got {tuple(cols.shape)}")
+
+
+def sampled_logits(features: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor,
+                   path: str = "auto", balance: float = DEFAULT_BALANCE):
+    """Logits of the sampled classes and a handle to their row gradient.
+
+    features: (B, d), may require grad; weight: (C_local, d), never receives ``.grad``;
+    cols: (n,) local row ids shared by the batch, or (B, k) per-sample local row ids.
+    Returns (logits (B, n) or (B, k), RowGrad). Ids are not range-checked (that would
+    synchronise an accelerator); out-of-range ids fail inside index_select.
+    """
+    _check(features, weight, cols)
+    if path not in PATHS + ("auto",):
+        raise ValueError(f"path must be one of {PATHS + ('auto',)}, got {path!r}")
+    cols = cols.long()
+    if cols.dim() == 1:
+        if path not in ("auto", "batch_shared"):
+            raise ValueError(f"path {path!r} needs per-sample cols (B, k); got shape (n,)")
+        leaf = _leaf(weight, cols)                      # (n, d)
+        return features @ leaf.t(), RowGrad(cols, "batch_shared", unique=False, leaf=leaf)
+    if path == "batch_shared":
+        raise ValueError("path 'batch_shared' needs one shared class set cols (n,)")
+    B, k = cols.shape
+    U, inv, order, starts = unique_rows(cols, with_inverse=path != "gather_dot")
+    if path == "auto":
+        costs = path_costs(B, k, features.shape[1], U.numel(), balance, features.element_size())
+        path = min(costs, key=costs.get)
+    if k == 0:
+        path = "union"                                  # nothing to gather
+    if path == "union":
+        if inv is None:
+            inv = unique_rows(cols)[1]
+        leaf = _leaf(weight, U)                         # (u, d)
+        logits = (features @ leaf.t()).gather(1, inv)   # (B, u) -> (B, k)
+        return logits, RowGrad(U, "union", unique=True, leaf=leaf)
+    grad_on = torch.is_grad_enabled()
+    handle = RowGrad(U, "gather_dot", unique=True, active=grad_on)
+    anchor = features.new_zeros((), requires_grad=grad_on)
+    logits = _GatherDot.apply(features, anchor, weight.detach(), cols, order, starts, handle)
+    return logits, handle
+
+
+def full_logits(features: torch.Tensor, weight: torch.Tensor):
+    """Logits of every local class (B, C_local) and a handle to the dense (C_local, d) grad.
+
+    The leaf is a detached *view* of the weight (no copy); it shares the weight's version
+    counter, so updating the weight in place before backward raises instead of silently
+    corrupting the features' gradient.
+    """
+    if features.dim() != 2 or weight.dim() != 2 or weight.shape[1] != features.shape[1]:
+        raise ValueError(f"features (B, d) and weight (C_local, d) must agree on d, got "
+                         f"{tuple(features.shape)} and {tuple(weight.shape)}")
+    leaf = weight.detach().requires_grad_(torch.is_grad_enabled())
+    return features @ leaf.t(), RowGrad(None, "full", unique=True, leaf=leaf)
+
+
+__all__ = ["PATHS", "DEFAULT_BALANCE", "RowGrad", "sampled_logits", "full_logits",
+           "path_costs", "unique_rows"]

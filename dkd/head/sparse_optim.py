@@ -1,0 +1,217 @@
+"""Row-sparse optimizer for the head shard: updates only the rows a step touched.
+
+``SparseRowOptimizer(weight, kind)`` keeps its moments as (C_local, d) tensors allocated
+once at construction, and ``step(rows, grad)`` reads, updates and writes back only those
+rows: no (C_local, d) gradient is ever allocated or zeroed, so a step costs O(u·d), not
+O(C·d).
+
+Lazy semantics (as torch.optim.SparseAdam): a row that a step does not touch is left
+bit-identical, weight and moments alike. Its momentum is not decayed, it does not keep
+drifting under SGD momentum, and AdamW's decoupled decay is not applied to it. Adam keeps
+a **per-row step count** t_i for its bias correction 1 − β^t_i, so the first time a row is
+touched it gets Adam's first-step update, however late in training that is (SparseAdam's
+global count would instead treat a fresh row's nearly-empty moments as fully warmed-up).
+When every step touches the same rows, the result on those rows equals the dense
+torch.optim (SGD with momentum / Adam / AdamW) run on those rows alone.
+
+Duplicates in ``rows`` are allowed and their gradients are summed (the batch-shared kernel
+keeps one column per draw). That is done without a sort: a persistent (C_local,) slot map
+sends every duplicate to one representative position, the gradients are index_add-ed
+there, and every duplicate then computes the identical update, so writing it back through
+duplicate indices is deterministic. ``rows=None`` means a dense step over all rows.
+"""
+from __future__ import annotations
+
+import torch
+
+KINDS = ("sgd", "adam", "adamw")
+
+
+class SparseRowOptimizer:
+    """Lazy row-sparse SGD (momentum) / Adam / AdamW over a (C_local, d) weight, in place.
+
+    lr: learning rate (weight units per gradient unit); momentum: SGD momentum in [0, 1);
+    betas: Adam decay rates in [0, 1); eps: Adam denominator floor; weight_decay: L2 for
+    sgd/adam (added to the gradient), decoupled decay for adamw, applied to touched rows only.
+    """
+
+    def __init__(self, weight: torch.Tensor, kind: str = "adamw", lr: float = 1e-3,
+                 momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, nesterov: bool = False):
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError("weight must be a (C_local, d) tensor")
+        if weight.requires_grad:
+            raise ValueError("weight must not require grad: the head updates it in place")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two floats in [0, 1), got {betas}")
+        if not eps >= 0.0 or not weight_decay >= 0.0:
+            raise ValueError(f"eps and weight_decay must be >= 0, got {eps}, {weight_decay}")
+        self.weight, self.kind, self.lr = weight, kind, float(lr)
+        self.momentum, self.betas, self.eps = float(momentum), tuple(map(float, betas)), float(eps)
+        self.weight_decay, self.nesterov = float(weight_decay), bool(nesterov)
+        self.state: dict[str, torch.Tensor] = {}
+        if kind == "sgd" and momentum > 0:
+            self.state["momentum_buffer"] = torch.zeros_like(weight)
+        if kind in ("adam", "adamw"):
+            self.state["exp_avg"] = torch.zeros_like(weight)
+            self.state["exp_avg_sq"] = torch.zeros_like(weight)
+            # Per-row step counts, float32 like torch.optim's ``step`` (exact to 2^24).
+            self.state["step"] = torch.zeros(weight.shape[0], dtype=torch.float32,
+                                             device=weight.device)
+        # Slot map for coalescing duplicate rows without a sort; content is scratch.
+        self._slot = torch.zeros(weight.shape[0], dtype=torch.long, device=weight.device)
+        self._scratch: torch.Tensor | None = None
+
+    # ---------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, rows: torch.Tensor | None, grad: torch.Tensor, lr: float | None = None,
+             unique: bool = False) -> None:
+        """Update ``rows`` (u,) of the weight with ``grad`` (u, d); rows=None: all rows.
+
+        unique=True promises that ``rows`` has no duplicates and skips coalescing.
+        """
+        lr = self.lr if lr is None else float(lr)
+        if rows is None:
+            if grad.shape != self.weight.shape:
+                raise ValueError(f"grad must have shape {tuple(self.weight.shape)} for a "
+                                 f"dense step, got {tuple(grad.shape)}")
+            # Dense: the state tensors themselves are the working buffers.
+            work = dict(self.state, param=self.weight)
+            if "exp_avg_sq" in work:
+                work["denom"] = torch.empty_like(self.weight)
+            self._update(work, grad.to(self.weight.dtype), lr)
+            return
+        if rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"rows must be a 1-D integer tensor, got {rows.dtype} "
+                             f"{tuple(rows.shape)}")
+        if grad.shape != (rows.shape[0], self.weight.shape[1]):
+            raise ValueError(f"grad must have shape ({rows.shape[0]}, {self.weight.shape[1]}),"
+                             f" got {tuple(grad.shape)}")
+        if rows.numel() == 0:
+            return
+        rows = rows.long()
+        if not unique:
+            grad = self._coalesce(rows, grad)
+        work = self._gather(rows)
+        self._update(work, grad.to(self.weight.dtype), lr)
+        self.weight.index_copy_(0, rows, work["param"])
+        for k, v in self.state.items():
+            v.index_copy_(0, rows, work[k])
+
+    def _gather(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows of the weight and of each state tensor, copied into reused scratch buffers.
+
+        The scratch (n_buffers, cap, d) grows to the largest u seen (with 25% headroom) and
+        is reused: a fresh (u, d) tensor per step costs its page faults on a host, where
+        there is no caching allocator, and those cost more than the update itself.
+        """
+        u, d = rows.numel(), self.weight.shape[1]
+        names = ["param"] + [k for k in self.state if k != "step"]
+        if "exp_avg_sq" in self.state:
+            names.append("denom")
+        if self._scratch is None or self._scratch.shape[1] < u:
+            cap = min(self.weight.shape[0], max(u, u + u // 4))
+            self._scratch = None  # free the old one first
+            self._scratch = self.weight.new_empty((len(names), cap, d))
+        work = {n: self._scratch[i, :u] for i, n in enumerate(names)}
+        torch.index_select(self.weight, 0, rows, out=work["param"])
+        for k, v in self.state.items():
+            if k == "step":
+                work[k] = v.index_select(0, rows)
+            else:
+                torch.index_select(v, 0, rows, out=work[k])
+        return work
+
+    def release_scratch(self) -> None:
+        """Free the per-step scratch buffers (they are re-made on the next step)."""
+        self._scratch = None
+
+    def _coalesce(self, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """(u, d) where every entry holds the summed gradient of all duplicates of its row."""
+        self._slot.index_copy_(0, rows, torch.arange(rows.numel(), device=rows.device))
+        slot = self._slot.index_select(0, rows)     # each duplicate -> one winner position
+        summed = torch.zeros_like(grad).index_add_(0, slot, grad)
+        return summed.index_select(0, slot)
+
+    def _update(self, w: dict[str, torch.Tensor], g: torch.Tensor, lr: float) -> None:
+        """In place on the working rows ``w`` (param and state, (u, d) each) given ``g``."""
+        p, wd = w["param"], self.weight_decay
+        if self.kind == "sgd":
+            if wd:
+                g = g.add(p, alpha=wd)
+            if self.momentum == 0:
+                p.add_(g, alpha=-lr)
+                return
+            buf = w["momentum_buffer"].mul_(self.momentum).add_(g)
+            if self.nesterov:
+                p.add_(g, alpha=-lr)
+            p.add_(buf, alpha=-lr * self.momentum if self.nesterov else -lr)
+            return
+        b1, b2 = self.betas
+        t = w["step"].add_(1.0)                     # (u,) per-row step count
+        if self.kind == "adamw":
+            p.mul_(1.0 - lr * wd)
+        elif wd:
+            g = g.add(p, alpha=wd)
+        m, v, den = w["exp_avg"], w["exp_avg_sq"], w["denom"]
+        m.lerp_(g, 1.0 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+        if lr == 0.0:
+            return
+        # torch.optim: p -= (lr / bc1) · m / (sqrt(v) / sqrt(bc2) + eps). Per-row bias
+        # corrections fold into one (u, 1) scale s = bc1 / lr, so the denominator is
+        # sqrt(v) · (s / sqrt(bc2)) + eps · s: three passes over (u, d) instead of six.
+        t64 = t.double()                            # bias math in float64, as torch.optim
+        s = (1.0 - torch.pow(b1, t64)) / lr
+        scale = (s / (1.0 - torch.pow(b2, t64)).sqrt()).to(p.dtype).unsqueeze(1)
+        torch.sqrt(v, out=den)
+        torch.addcmul((s * self.eps).to(p.dtype).unsqueeze(1), den, scale, out=den)
+        p.addcdiv_(m, den, value=-1.0)
+
+    # ---------------------------------------------------------------- state
+    def hparams(self) -> dict:
+        return {"kind": self.kind, "lr": self.lr, "momentum": self.momentum,
+                "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay,
+                "nesterov": self.nesterov}
+
+    def state_dict(self) -> dict:
+        """Hyperparameters and the (C_local, ...) state tensors (references, like torch)."""
+        return {"hparams": self.hparams(), "state": dict(self.state)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        h = sd["hparams"]
+        if h["kind"] != self.kind:
+            raise ValueError(f"state_dict kind {h['kind']!r} does not match {self.kind!r}")
+        self.lr, self.momentum, self.betas = float(h["lr"]), float(h["momentum"]), tuple(h["betas"])
+        self.eps, self.weight_decay = float(h["eps"]), float(h["weight_decay"])
+        self.nesterov = bool(h.get("nesterov", False))
+        self.load_rows_state(0, sd["state"])
+
+    def rows_state(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        """Copies of the state of local rows [lo, hi) (for checkpoints keyed by class range)."""
+        if not 0 <= lo <= hi <= self.weight.shape[0]:
+            raise ValueError(f"lo, hi must satisfy 0 <= lo <= hi <= {self.weight.shape[0]}, "
+                             f"got {lo}, {hi}")
+        return {k: v[lo:hi].clone() for k, v in self.state.items()}
+
+    @torch.no_grad()
+    def load_rows_state(self, lo: int, state: dict[str, torch.Tensor]) -> None:
+        """Write per-row state (as from ``rows_state``) into local rows [lo, lo + n)."""
+        if set(state) != set(self.state):
+            raise ValueError(f"state must have keys {sorted(self.state)} for kind "
+                             f"{self.kind!r}, got {sorted(state)}")
+        for k, v in state.items():
+            n = v.shape[0]
+            if lo < 0 or lo + n > self.state[k].shape[0] or v.shape[1:] != self.state[k].shape[1:]:
+                raise ValueError(f"state[{k!r}] of shape {tuple(v.shape)} does not fit at row "
+                                 f"{lo} of {tuple(self.state[k].shape)}")
+            self.state[k][lo:lo + n].copy_(v)
+
+
+__all__ = ["KINDS", "SparseRowOptimizer"]

@@ -1,0 +1,118 @@
+"""PNG plots of the speedup report (matplotlib's object API: no pyplot, no GUI backend).
+
+Each function returns True when it wrote its file (False: nothing to plot).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from dkd.report import RunData
+
+__all__ = ["plot_softmax_ms", "plot_top1_vs_ms", "plot_proposal"]
+
+MAX_POINTS = 4000  # per curve; longer series are strided (a PNG cannot show more anyway)
+
+
+def _figure(width: float = 7.0, height: float = 4.2) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)  # why: Agg canvas without touching the global pyplot backend
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> bool:
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+def _stride(xs: list, ys: list) -> tuple[list, list]:
+    step = max(1, math.ceil(len(xs) / MAX_POINTS))
+    return xs[::step], ys[::step]
+
+
+def _wide_range(values: list[float]) -> bool:
+    positive = [v for v in values if v > 0]
+    return bool(positive) and max(positive) / min(positive) > 20
+
+
+def plot_softmax_ms(runs: Sequence["RunData"], path: Path, title: str,
+                    skip_steps: int = 0) -> bool:
+    """Softmax-layer ms against training step, one line per run."""
+    series = [(r, [(s, ms) for s, ms in r.softmax if s >= skip_steps and math.isfinite(ms)])
+              for r in runs]
+    series = [(r, pts) for r, pts in series if pts]
+    if not series:
+        return False
+    fig = _figure()
+    ax = fig.add_subplot()
+    for run, pts in series:
+        xs, ys = _stride([p[0] for p in pts], [p[1] for p in pts])
+        ax.plot(xs, ys, lw=0.8, label=f"{run.name}: {run.label}")
+    if _wide_range([ms for _, pts in series for _, ms in pts]):
+        ax.set_yscale("log")
+    ax.set(xlabel="training step", ylabel="softmax layer (ms / iteration)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_top1_vs_ms(runs: Sequence["RunData"], path: Path, title: str,
+                    skip_steps: int = 0) -> bool:
+    """Top-1 against median softmax-layer ms, one labelled point per run (paper Fig. 7)."""
+    points = []
+    for run in runs:
+        ms = run.softmax_ms(skip_steps)
+        if ms and math.isfinite(run.top1):
+            points.append((statistics.median(ms), run.top1, run.label))
+    if not points:
+        return False
+    fig = _figure(6.0, 4.5)
+    ax = fig.add_subplot()
+    ax.scatter([p[0] for p in points], [p[1] for p in points], zorder=3)
+    for x, y, label in points:
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize="small")
+    if _wide_range([p[0] for p in points]):
+        ax.set_xscale("log")
+    ax.margins(0.15)  # why: room for the labels of the extreme points
+    ax.set(xlabel="softmax layer, median ms / iteration", ylabel="top-1", title=title)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_proposal(run: "RunData", path: Path, max_curves: int = 12) -> bool:
+    """The proposal over normalised rank at logged steps, coloured by step."""
+    rows = [r for r in run.proposal if r.get("rank_probs")]
+    if not rows:
+        return False
+    idx = sorted({round(i * (len(rows) - 1) / max(1, max_curves - 1))
+                  for i in range(min(max_curves, len(rows)))})
+    rows = [rows[i] for i in idx]
+    steps = [float(r.get("step", i)) for i, r in enumerate(rows)]
+    lo, hi = min(steps), max(steps)
+    fig = _figure()
+    ax = fig.add_subplot()
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    norm, cmap = Normalize(lo, hi if hi > lo else lo + 1), colormaps["viridis"]
+    for row, step in zip(rows, steps):
+        probs = [float(p) for p in row["rank_probs"]]
+        xs = row.get("x") or [i / max(1, len(probs) - 1) for i in range(len(probs))]
+        if len(xs) != len(probs):
+            raise ValueError(f"{run.dir}/proposal.jsonl: step {step:g}: x has {len(xs)} "
+                             f"values but rank_probs has {len(probs)}")
+        xs, probs = _stride(list(xs), probs)
+        ax.plot(xs, probs, color=cmap(norm(step)), lw=1.0)
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="training step")
+    ax.set(xlabel="normalised teacher rank", ylabel="proposal probability",
+           title=f"proposal over training: {run.name} ({run.label})")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

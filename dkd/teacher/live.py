@@ -1,0 +1,57 @@
+"""A live teacher: the exported model of an earlier run (backbone + full head weight).
+
+Every run exports `model.pt` = {model config, class count, input dim, backbone state,
+head weight (C, d)}; the `teacher.checkpoint` of a later run points at that run directory
+or file. The teacher runs in eval mode under no_grad.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dkd.config import ConfigError, ModelConfig
+from dkd.models import build_backbone
+
+
+def resolve_model_file(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise ConfigError(f"teacher.checkpoint: {path} not found (expected a run directory "
+                          "containing model.pt, or a model.pt file)")
+    return path
+
+
+class LiveTeacher:
+    def __init__(self, path: str | Path, num_classes: int, input_dim: int, device: torch.device):
+        path = resolve_model_file(path)
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        if blob["num_classes"] != num_classes:
+            raise ConfigError(f"teacher.checkpoint {path}: teacher has {blob['num_classes']} "
+                              f"classes but the dataset has {num_classes}")
+        if blob["input_dim"] != input_dim:
+            raise ConfigError(f"teacher.checkpoint {path}: teacher input size {blob['input_dim']} "
+                              f"differs from the dataset's {input_dim}")
+        self.model_cfg = ModelConfig.model_validate(blob["model"])
+        self.backbone = build_backbone(self.model_cfg, input_dim)
+        self.backbone.load_state_dict(blob["backbone"])
+        self.backbone.to(device).eval()
+        self.head_weight = blob["head"].to(device)  # (C, d_teacher)
+        self.path = path
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, input_dim) -> teacher logits (B, C)."""
+        return self.backbone(x) @ self.head_weight.T
+
+
+def export_model(path: Path, model_cfg: ModelConfig, num_classes: int, input_dim: int,
+                 backbone: torch.nn.Module, head_weight: torch.Tensor) -> None:
+    from dkd.engine.rundir import atomic_torch_save
+
+    atomic_torch_save({"model": model_cfg.model_dump(), "num_classes": num_classes,
+                       "input_dim": input_dim,
+                       "backbone": {k: v.cpu() for k, v in backbone.state_dict().items()},
+                       "head": head_weight.cpu()}, path)

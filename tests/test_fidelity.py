@@ -1,0 +1,65 @@
+"""Fidelity report: record schema, sensible numbers, and its files."""
+import json
+
+import pytest
+
+from dkd.fidelity import fidelity_markdown, run_fidelity, write_fidelity
+
+KEYS = {"method", "mode", "correction", "classes", "k", "cosine_logits", "cosine_weight",
+        "rel_err"}
+
+
+@pytest.fixture(scope="module")
+def records():
+    # C = 1000, k = C/10: measured cosines 0.70-0.80 for DIS/FTIS (expected), 0.18-0.37
+    # for the paper form, 0.995 for PDBS (B = 16, d = 32, seeds 0, 1)
+    return run_fidelity(1000, 16, [10, 100], dim=32, seeds=2)
+
+
+def _get(records, method, mode, correction, k):
+    (rec,) = [r for r in records if (r["method"], r["mode"], r["correction"], r["k"])
+              == (method, mode, correction, k)]
+    return rec
+
+
+def test_records_have_required_keys(records):
+    # 3 sampled methods x 2 modes x 2 corrections + PDBS, for each of 2 values of k
+    assert len(records) == 2 * (3 * 2 * 2 + 1)
+    for r in records:
+        assert KEYS <= set(r)
+        assert -1.0 <= r["cosine_logits"] <= 1.0 and r["rel_err"] >= 0.0
+
+
+@pytest.mark.parametrize("method", ["dis", "ftis"])
+@pytest.mark.parametrize("mode", ["per_sample", "batch_shared"])
+def test_importance_sampling_at_k_C_over_10(records, method, mode):
+    ex = _get(records, method, mode, "expected", 100)
+    paper = _get(records, method, mode, "paper", 100)
+    assert ex["cosine_logits"] > 0.6 and ex["cosine_weight"] > 0.6
+    assert paper["cosine_logits"] < 0.5 < ex["cosine_logits"]
+    # more samples, better gradient
+    assert ex["cosine_logits"] > _get(records, method, mode, "expected", 10)["cosine_logits"]
+
+
+def test_pdbs_is_close_at_k_C_over_10(records):
+    assert _get(records, "pdbs", "per_sample", "none", 100)["cosine_logits"] > 0.98
+
+
+def test_write_fidelity_files(records, tmp_path):
+    out = tmp_path / "fid.json"
+    md = write_fidelity(records, str(out))
+    assert json.loads(out.read_text()) == records
+    text = open(md).read()
+    assert md.endswith("fid.md") and text == fidelity_markdown(records)
+    assert text.startswith("| C | k | method |") and text.count("\n") == len(records) + 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fid.json", "fid.md"]
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="method"):
+        run_fidelity(100, 4, [10], methods=("softmax",), seeds=1)
+    with pytest.raises(ValueError, match="k must"):
+        run_fidelity(100, 4, [1], seeds=1)
+    with pytest.raises(ValueError, match="proposal"):
+        from dkd.sampling.proposals import build_proposal
+        build_proposal("nope")

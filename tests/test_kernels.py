@@ -1,0 +1,130 @@
+import pytest
+import torch
+
+from dkd.head.kernels import full_logits, path_costs, sampled_logits, unique_rows
+
+B, C, D = 6, 17, 8
+
+
+def _setup(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(B, D, generator=gen, dtype=torch.float64)
+    weight = torch.randn(C, D, generator=gen, dtype=torch.float64)
+    return features, weight, gen
+
+
+def _reference(features, weight, cols, upstream):
+    """Plain autograd: full logits with weight as a leaf, then gather/index."""
+    f = features.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    full = f @ w.t()
+    logits = full[:, cols] if cols.dim() == 1 else full.gather(1, cols)
+    (logits * upstream).sum().backward()
+    return logits.detach(), f.grad, w.grad
+
+
+def _run(features, weight, cols, upstream, path):
+    f = features.clone().requires_grad_()
+    logits, handle = sampled_logits(f, weight, cols, path)
+    (logits * upstream).sum().backward()
+    rows, grad = handle.collect()
+    dense = torch.zeros_like(weight).index_add_(0, rows, grad)
+    return logits.detach(), f.grad, dense, handle
+
+
+@pytest.mark.parametrize("path", ["batch_shared", "auto"])
+def test_batch_shared_matches_reference(path):
+    features, weight, gen = _setup()
+    cols = torch.tensor([3, 0, 16, 3, 7, 3])  # duplicates on purpose
+    up = torch.randn(B, cols.numel(), generator=gen, dtype=torch.float64)
+    ref = _reference(features, weight, cols, up)
+    logits, gf, gw, handle = _run(features, weight, cols, up, path)
+    assert handle.path == "batch_shared" and handle.rows.numel() == cols.numel()
+    torch.testing.assert_close(logits, ref[0])
+    torch.testing.assert_close(gf, ref[1])
+    torch.testing.assert_close(gw, ref[2])
+    assert weight.grad is None
+
+
+@pytest.mark.parametrize("path", ["union", "gather_dot", "auto"])
+def test_per_sample_matches_reference(path):
+    features, weight, gen = _setup(1)
+    cols = torch.randint(0, C, (B, 5), generator=gen)
+    cols[0, 1] = cols[0, 3]          # duplicate within a sample
+    cols[2, 0] = cols[4, 4]          # shared across samples
+    up = torch.randn(B, 5, generator=gen, dtype=torch.float64)
+    ref = _reference(features, weight, cols, up)
+    logits, gf, gw, handle = _run(features, weight, cols, up, path)
+    assert handle.unique and torch.equal(handle.rows, torch.unique(cols))
+    torch.testing.assert_close(logits, ref[0])
+    torch.testing.assert_close(gf, ref[1])
+    torch.testing.assert_close(gw, ref[2])
+
+
+def test_gather_dot_chunks(monkeypatch):
+    import dkd.head.kernels as K
+    monkeypatch.setattr(K, "_CHUNK_BYTES", 1)  # one sample per chunk
+    features, weight, gen = _setup(2)
+    cols = torch.randint(0, C, (B, 4), generator=gen)
+    up = torch.randn(B, 4, generator=gen, dtype=torch.float64)
+    ref = _reference(features, weight, cols, up)
+    logits, gf, gw, _ = _run(features, weight, cols, up, "gather_dot")
+    torch.testing.assert_close(logits, ref[0])
+    torch.testing.assert_close(gf, ref[1])
+    torch.testing.assert_close(gw, ref[2])
+
+
+def test_full_logits():
+    features, weight, gen = _setup(3)
+    up = torch.randn(B, C, generator=gen, dtype=torch.float64)
+    f = features.clone().requires_grad_()
+    logits, handle = full_logits(f, weight)
+    (logits * up).sum().backward()
+    rows, grad = handle.collect()
+    assert rows is None and grad.shape == weight.shape
+    ref = _reference(features, weight, torch.arange(C), up)
+    torch.testing.assert_close(grad, ref[2])
+    torch.testing.assert_close(f.grad, ref[1])
+
+
+def test_no_grad_mode_and_empty_cols():
+    features, weight, _ = _setup()
+    with torch.no_grad():
+        logits, handle = sampled_logits(features, weight, torch.tensor([1, 2]))
+    assert logits.shape == (B, 2) and handle.collect() is None
+    f = features.clone().requires_grad_()
+    for cols in (torch.zeros(0, dtype=torch.long), torch.zeros(B, 0, dtype=torch.long)):
+        logits, handle = sampled_logits(f, weight, cols)
+        assert logits.shape == (B, 0)
+
+
+def test_unique_rows():
+    cols = torch.tensor([[5, 1, 5], [2, 1, 9]])
+    U, inv, order, starts = unique_rows(cols)
+    assert torch.equal(U, torch.tensor([1, 2, 5, 9]))
+    assert torch.equal(U[inv], cols)
+    assert torch.equal(cols.reshape(-1)[order][starts], U)
+
+
+def test_bad_arguments():
+    features, weight, _ = _setup()
+    with pytest.raises(ValueError, match="path"):
+        sampled_logits(features, weight, torch.tensor([1]), path="nope")
+    with pytest.raises(ValueError, match="path"):
+        sampled_logits(features, weight, torch.tensor([1]), path="union")
+    with pytest.raises(ValueError, match="batch_shared"):
+        sampled_logits(features, weight, torch.zeros(B, 2, dtype=torch.long), "batch_shared")
+    with pytest.raises(ValueError, match="cols"):
+        sampled_logits(features, weight, torch.zeros(B + 1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="cols"):
+        sampled_logits(features, weight, torch.zeros(2, dtype=torch.float32))
+    with pytest.raises(ValueError, match="weight"):
+        sampled_logits(features, weight[:, :3], torch.tensor([1]))
+
+
+def test_cost_model_prefers_union_on_heavy_overlap():
+    # All samples share the same k classes: union is one small GEMM.
+    assert min(path_costs(256, 120, 512, 120), key=path_costs(256, 120, 512, 120).get) == "union"
+    # Disjoint classes per sample: gather avoids a (B, B·k) GEMM.
+    c = path_costs(256, 120, 512, 256 * 120)
+    assert min(c, key=c.get) == "gather_dot"
