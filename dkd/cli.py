@@ -58,6 +58,49 @@ def eval_(run: Path = typer.Option(..., "--run", help="Run directory (uses its m
     typer.echo(json.dumps(result))
 
 
+def _csv(text: str, cast=str) -> list:
+    return [cast(x) for x in text.split(",") if x.strip()]
+
+
+@app.command()
+def fidelity(classes: int = typer.Option(1000, help="Class count C."),
+             batch: int = typer.Option(64, help="Batch size B."),
+             k: str = typer.Option("10,100,1000", help="Comma-separated k values (draws m)."),
+             dim: int = typer.Option(64, help="Feature dimension d."),
+             seeds: int = typer.Option(3, help="Random problems averaged."),
+             methods: str = typer.Option("uniform,ftis,dis,pdbs", help="Methods to compare."),
+             temperature: float = typer.Option(4.0, help="KD temperature T."),
+             out: Path = typer.Option(Path("fidelity.json"), "--out", help="JSON output; a .md table is written next to it.")):
+    """Compare each sampled method's gradient with the full-KD gradient (cosine, rel. error)."""
+    from dkd.fidelity import fidelity_markdown, run_fidelity, write_fidelity
+
+    ks = [x for x in _csv(k, int) if x < classes]
+    if not ks:
+        _fail(f"--k: every k must be < --classes ({classes}); got {k}")
+    try:
+        records = run_fidelity(classes, batch, ks, dim=dim, seeds=seeds,
+                               methods=tuple(_csv(methods)), temperature=temperature)
+    except ValueError as err:
+        _fail(str(err))
+    md = write_fidelity(records, str(out))
+    typer.echo(fidelity_markdown(records))
+    typer.echo(f"wrote {out} and {md}")
+
+
+@app.command()
+def report(runs: List[Path] = typer.Argument(..., help="Run directories (runs/<name>)."),
+           out: Path = typer.Option(Path("report"), "--out", "-o", help="Output directory."),
+           skip_steps: int = typer.Option(0, help="Leave the first steps (warm-up) out of the timing statistics.")):
+    """Write report.md / report.html with softmax-layer timing, speedup and accuracy plots."""
+    from dkd.report import write_report
+
+    try:
+        path = write_report(runs, out, skip_steps=skip_steps)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    typer.echo(f"report: {path}")
+
+
 def main() -> None:
     try:
         app()

@@ -84,7 +84,7 @@ class _GatherRows(torch.autograd.Function):
     """All-gather row blocks (e.g. features) from every rank of ``group`` with autograd.
 
     forward:  all-gather; (B_local, d) on each rank -> (sum_r B_r, d), rank order. Ranks may
-              hold different B_local; the sizes are exchanged first.
+              hold different B_local: sizes are exchanged first, blocks padded to the max.
     backward: every rank's gathered gradient holds the contribution of *its own columns*
               only, so the gradient of rank r's rows is the SUM over ranks of their slice r
               (a reduce-scatter; done as all-reduce + slice so uneven B works on gloo).
@@ -99,10 +99,14 @@ class _GatherRows(torch.autograd.Function):
         all_sizes = [torch.zeros_like(sizes) for _ in range(dist.get_world_size(group))]
         dist.all_gather(all_sizes, sizes, group=group)
         sizes = [int(s.item()) for s in all_sizes]
-        chunks = [x.new_empty((n,) + tuple(x.shape[1:])) for n in sizes]
-        dist.all_gather(chunks, x.contiguous(), group=group)
+        # gloo's all_gather needs equal shapes: pad every block to the largest, then trim.
+        top = max(sizes)
+        padded = x.new_zeros((top,) + tuple(x.shape[1:]))
+        padded[:x.shape[0]] = x
+        chunks = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(chunks, padded, group=group)
         ctx.group, ctx.scale, ctx.sizes = group, scale, sizes
-        return torch.cat(chunks, dim=0)
+        return torch.cat([c[:n] for c, n in zip(chunks, sizes)], dim=0)
 
     @staticmethod
     def backward(ctx, grad):
