@@ -6,10 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${DKD_DEMO_OUT:-runs/demo}
 NPROC=${NPROC:-2}
-STUDENT=(--set model.hidden=32 --set model.depth=0 --set model.feature_dim=32)
+STUDENT=(--set model.hidden=32 --set model.depth=1 --set model.feature_dim=32 --set train.steps=500)
 run() { torchrun --standalone --nproc_per_node "$NPROC" -m dkd train --set out_dir="$OUT" --overwrite "$@"; }
 
-run --set name=teacher --set method.name=hard --set model.hidden=256 "$@"
+run --set name=teacher --set method.name=hard "$@"
 run --set name=student-hard --set method.name=hard "${STUDENT[@]}" "$@"
 run --set name=student-kd --set method.name=kd --set teacher.checkpoint="$OUT/teacher" "${STUDENT[@]}" "$@"
 run --set name=student-dis --set method.name=dis --set method.k=10 \

@@ -17,6 +17,15 @@ from dkd.losses.targets import kd_target
 from dkd.sampling.proposals import LaplaceMixtureProposal, build_proposal, teacher_ranking
 from dkd.sampling.sampler import SampleSet, sample_classes
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 B, C, D_, T = 4, 50, 16, 4.0
 
 
@@ -175,3 +184,19 @@ def test_per_sample_and_batch_shared_agree_in_expectation(name):
         # each mode's normaliser estimate is unbiased: E[Z_hat] = Z
         torch.testing.assert_close(z_hat[mode], Z, rtol=0.04, atol=0)
     assert _cos(grads["per_sample"], grads["batch_shared"]) > 0.998
+
+
+def test_masked_column_is_the_same_as_a_dropped_column():
+    g = torch.Generator().manual_seed(9)
+    z, a = torch.randn(3, 6, generator=g, dtype=torch.float64), torch.randn(3, 6, generator=g,
+                                                                            dtype=torch.float64)
+    o = torch.randn(6, generator=g, dtype=torch.float64)     # (n,), broadcast over rows
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[1, 4] = False
+    tgt = torch.zeros(3, 6, dtype=torch.bool)
+    tgt[:, 0] = True
+    out = sampled_kd_terms(z, a, o, T, tgt, mask=mask)
+    keep = [0, 1, 2, 3, 5]
+    ref = sampled_kd_terms(z[1:2, keep], a[1:2, keep], o[keep], T, tgt[1:2, keep])
+    torch.testing.assert_close(out["kd"][1:2], ref["kd"])
+    torch.testing.assert_close(out["ce"][1:2], ref["ce"])

@@ -93,9 +93,13 @@ def test_no_grad_mode_and_empty_cols():
         logits, handle = sampled_logits(features, weight, torch.tensor([1, 2]))
     assert logits.shape == (B, 2) and handle.collect() is None
     f = features.clone().requires_grad_()
+    # A shard that drew no classes still joins the loss and its backward.
     for cols in (torch.zeros(0, dtype=torch.long), torch.zeros(B, 0, dtype=torch.long)):
         logits, handle = sampled_logits(f, weight, cols)
         assert logits.shape == (B, 0)
+        (logits.sum() + f.sum()).backward()
+        rows, grad = handle.collect()
+        assert rows.numel() == 0 and grad.shape == (0, D)
 
 
 def test_unique_rows():
@@ -128,3 +132,16 @@ def test_cost_model_prefers_union_on_heavy_overlap():
     # Disjoint classes per sample: gather avoids a (B, B·k) GEMM.
     c = path_costs(256, 120, 512, 256 * 120)
     assert min(c, key=c.get) == "gather_dot"
+
+
+@pytest.mark.parametrize("path", ["union", "gather_dot"])
+def test_row_grad_without_feature_grad(path):
+    """A frozen backbone: the rows still get their gradient (gather_dot via its anchor)."""
+    features, weight, gen = _setup(4)
+    cols = torch.randint(0, C, (B, 3), generator=gen)
+    up = torch.randn(B, 3, generator=gen, dtype=torch.float64)
+    logits, handle = sampled_logits(features, weight, cols, path)
+    (logits * up).sum().backward()
+    rows, grad = handle.collect()
+    ref = _reference(features, weight, cols, up)[2]
+    torch.testing.assert_close(torch.zeros_like(weight).index_add_(0, rows, grad), ref)

@@ -15,6 +15,15 @@ from dkd.losses.softmax import full_kd_terms, mix, softmax_ce, softmax_probs, ta
 from dkd.losses.targets import kd_target
 from dkd.sampling.proposals import teacher_ranking
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 def _data(B=5, C=11, seed=0):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(B, C, generator=g, dtype=torch.float64) * 3

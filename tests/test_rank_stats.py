@@ -10,6 +10,15 @@ from dkd.sampling.proposals import LaplaceMixtureProposal, laplace_mixture_bins
 from dkd.sampling.rank_stats import RankHistogram, fit_laplace_mixture
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_update_bins_ranks_by_phase():
     h = RankHistogram(num_classes=200, num_phases=4, total_steps=100, num_bins=10)
     h.update(torch.tensor([1, 20, 21, 200]), step=0)       # bins 0, 0, 1, 9

@@ -116,3 +116,20 @@ def test_bad_arguments():
         opt.step(ROWS, torch.zeros(2, D))
     with pytest.raises(ValueError, match="rows"):
         opt.step(ROWS.float(), torch.zeros(3, D))
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_chunked_step_equals_one_chunk(kind):
+    w0 = torch.randn(C, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    a, b = w0.clone(), w0.clone()
+    opt_a = SparseRowOptimizer(a, kind, lr=0.1, chunk_rows=2)
+    opt_b = SparseRowOptimizer(b, kind, lr=0.1, chunk_rows=10_000)
+    rows = torch.tensor([0, 3, 4, 8, 11])
+    for g in _grads(3, rows.numel(), seed=6):
+        opt_a.step(rows, g, unique=True)
+        opt_b.step(rows, g, unique=True)
+        opt_a.step(torch.tensor([3, 3, 5]), g[:3])  # duplicates: never split
+        opt_b.step(torch.tensor([3, 3, 5]), g[:3])
+    assert torch.equal(a, b)
+    for name in opt_a.state:
+        assert torch.equal(opt_a.state[name], opt_b.state[name])

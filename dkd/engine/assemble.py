@@ -29,6 +29,7 @@ class TrainParts:
     head: ShardedHead
     head_opt: SparseRowOptimizer
     layer: SoftmaxLayer
+    dtype: torch.dtype = torch.float32
     lr: float = 0.0
 
 
@@ -68,6 +69,9 @@ def check_inputs(cfg: RunConfig, ctx: DistContext) -> LiveTeacher | None:
     if cfg.method.name not in TEACHER_FREE_METHODS and cfg.teacher.checkpoint is None:
         raise ConfigError(f"method {cfg.method.name!r} needs a teacher: set teacher.checkpoint "
                           "to a teacher run directory")
+    if cfg.dist.precision == "bf16" and ctx.device.type != "cuda":
+        raise ConfigError("dist.precision = bf16 needs a CUDA device; on CPU use fp32 "
+                          "(or auto, which picks bf16 only where the device supports it)")
     if cfg.teacher.checkpoint is None:
         return None
     return LiveTeacher(cfg.teacher.checkpoint, cfg.data.num_classes, cfg.data.input_dim,
@@ -88,4 +92,5 @@ def assemble(cfg: RunConfig, ctx: DistContext, teacher: LiveTeacher | None) -> T
     layer = SoftmaxLayer(cfg.method, data.num_classes, head.start, head.end, ctx.group,
                          cfg.train.steps)
     return TrainParts(ctx, data, teacher, teacher.head_weight if teacher else None,
-                      engine, head, head_optimizer(head, cfg), layer)
+                      engine, head, head_optimizer(head, cfg), layer,
+                      torch.bfloat16 if use_bf16(cfg, ctx) else torch.float32)

@@ -31,13 +31,14 @@ def evaluate_top1(backbone: torch.nn.Module, weight: torch.Tensor, start: int, s
     """Top-1 accuracy (percent) of backbone + head shard on a whole split (every rank
     scores every sample: the backbone is replicated, the head is not)."""
     was_training = backbone.training
+    dtype = next(backbone.parameters()).dtype  # bf16 engines hold bf16 weights
     backbone.eval()
     correct, total = 0, 0
     for lo in range(0, len(split), batch_size):
         idx = torch.arange(lo, min(lo + batch_size, len(split)))
         x, y = split.get(idx)
-        feats = backbone(x.to(device))
-        pred = sharded_argmax(feats @ weight.T.to(feats.dtype), start, group)
+        feats = backbone(x.to(device, dtype=dtype)).float()
+        pred = sharded_argmax(feats @ weight.T, start, group)
         correct += int((pred.cpu() == y).sum())
         total += len(y)
     backbone.train(was_training)

@@ -8,6 +8,7 @@ backbone through the all-gather (engine) -> sparse head update -> engine step.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -55,44 +56,65 @@ def truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(keep))
 
 
+def maybe_inject_fault(step: int, rank: int) -> None:
+    """Test aid: DKD_FAULT_INJECT="RANK:STEP" kills that rank abruptly at that step, to
+    check that the others fail within dist.timeout_s instead of hanging."""
+    spec = os.environ.get("DKD_FAULT_INJECT")
+    if spec and tuple(map(int, spec.split(":"))) == (rank, step):
+        os._exit(13)
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     """Sampling randomness of one step: identical on every rank and across resumes."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step + 17)
 
 
-def train_step(p: TrainParts, cfg: RunConfig, step: int, timer: RegionTimer) -> dict:
-    ctx, group = p.ctx, p.ctx.group
-    ids = global_batch_indices(step, len(p.data.train), cfg.train.batch_size, cfg.seed)
+def micro_step(p: TrainParts, cfg: RunConfig, micro: int, timer: RegionTimer) -> dict:
+    """Forward and backward of one micro-batch (global micro-batch index ``micro``)."""
+    ctx, group, gas = p.ctx, p.ctx.group, cfg.dist.grad_accum
+    ids = global_batch_indices(micro, len(p.data.train), cfg.train.batch_size, cfg.seed)
     x, y = p.data.train.get(ids[local_slice(len(ids), ctx.world, ctx.rank)])
     x, y = x.to(ctx.device), y.to(ctx.device)
     with timer.region("teacher"):
         t_local = p.teacher.logits(x) if p.teacher is not None else None
     with timer.region("backbone_fwd"):
-        f_local = p.engine(x)
+        f_local = p.engine(x.to(p.dtype))
     with timer.region("comm"):
         feats = gather_rows(f_local, group, scale=float(ctx.world))    # (B, d)
         y_g = gather_rows_nograd(y, group)
         t_g = gather_rows_nograd(t_local, group) if t_local is not None else None
-    # The head and loss run on a detached copy of the features, so their forward and
-    # backward can be timed apart from the backbone; the backbone then receives the
-    # feature gradient through a surrogate loss <feats, dL/dfeats>.
-    feats_d = feats.detach().requires_grad_(True)
+    # The head and loss run on a detached fp32 copy of the features, so their forward and
+    # backward are timed apart from the backbone; the backbone then receives the feature
+    # gradient through the surrogate loss <feats, dL/dfeats> (the engine divides it by
+    # grad_accum itself; the head loss is divided here to match).
+    feats_d = feats.detach().float().requires_grad_(True)
     with timer.region("softmax_layer"):
-        out = p.layer(feats_d, p.head, y_g, t_g, p.teacher_weight, step_generator(cfg.seed, step))
-        out["loss"].backward()
+        out = p.layer(feats_d, p.head, y_g, t_g, p.teacher_weight,
+                      step_generator(cfg.seed, micro))
+        (out["loss"] / gas).backward()
     with timer.region("backbone_bwd"):
         p.engine.backward((feats * feats_d.grad.to(feats.dtype)).sum())
-    with timer.region("softmax_layer"), timer.region("optimizer"):
-        p.head.apply_grads(p.head_opt, lr=p.lr)
     with timer.region("optimizer"):
-        p.engine.step()
-    if p.layer.proposal is not None:
-        p.layer.proposal.advance()
+        p.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
     return out
 
 
+def train_step(p: TrainParts, cfg: RunConfig, step: int, timer: RegionTimer) -> dict:
+    """One optimizer step = grad_accum micro-batches, then the sparse head update."""
+    gas = cfg.dist.grad_accum
+    outs = [micro_step(p, cfg, step * gas + i, timer) for i in range(gas)]
+    with timer.region("softmax_layer"), timer.region("optimizer"):
+        p.head.apply_grads(p.head_opt, lr=p.lr)
+    if p.layer.proposal is not None:
+        p.layer.proposal.advance()
+    if gas == 1:
+        return outs[0]
+    return {k: (sum(o[k] for o in outs) / gas if k in ("loss", "kd", "ce") else outs[-1][k])
+            for k in outs[-1]}
+
+
 def _metrics(out: dict, step: int, lr: float, times: dict, iter_ms: float, p: TrainParts) -> dict:
-    m = {"kind": "train", "step": step + 1, "loss": out["loss"].item(), "lr": lr,
+    m = {"kind": "train", "step": step + 1, "loss": float(out["loss"].detach()), "lr": lr,
          "iter_ms": iter_ms, "loss/kd": float(out["kd"]), "loss/ce": float(out["ce"]),
          "n_sampled": int(out["n_sampled"])}
     for name in ("softmax", "sampling", "comm", "teacher", "backbone_fwd", "backbone_bwd",
@@ -127,6 +149,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
             make_progress(cfg.train.steps, ctx.is_rank0, start_step=start_step) as bar:
         for step in range(start_step, cfg.train.steps):
             t0 = time.perf_counter()
+            maybe_inject_fault(step, ctx.rank)
             p.lr = lr_at(step, cfg.train.steps, cfg.optim)
             set_lr(p.engine.optimizer, p.lr)
             if cfg.dist.check_proposal_sync and p.layer.proposal is not None:

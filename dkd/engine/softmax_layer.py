@@ -19,11 +19,14 @@ import torch
 import torch.distributed as dist
 
 from dkd.config import MethodConfig, SAMPLED_METHODS
+from dkd.dist.functional import group_rank, group_size
+from dkd.head.shard import shard_bounds
 from dkd.losses import targets as tg
 from dkd.losses.sampled import sampled_kd_terms
 from dkd.losses.softmax import full_kd_terms, mix, softmax_probs
 from dkd.sampling.proposals import Proposal, build_proposal, teacher_ranking
 from dkd.sampling.sampler import SampleSet, sample_classes
+from dkd.sampling.stratified import sample_stratified
 
 
 def build_method_proposal(cfg: MethodConfig, total_steps: int) -> Proposal | None:
@@ -73,6 +76,11 @@ class SoftmaxLayer:
         self.cfg, self.C, self.start, self.end, self.group = cfg, num_classes, start, end, group
         self.proposal = build_method_proposal(cfg, total_steps)
         self.kernel_path = kernel_path
+        world = group_size(group)
+        self.bounds = shard_bounds(num_classes, world)
+        # Sharded batch-shared sampling draws per rank (stratified) unless told otherwise.
+        self.stratified = (world > 1 and cfg.mode == "batch_shared" and cfg.stratified
+                           and cfg.name in SAMPLED_METHODS)
         # Profiling hook: the engine sets this to its RegionTimer.region (null by default).
         self.region = lambda name: contextlib.nullcontext()
 
@@ -102,9 +110,14 @@ class SoftmaxLayer:
 
     def _sampled(self, feats, head, y, teacher_logits, generator, lam, T):
         with self.region("sampling"):
-            s = sample_classes(teacher_logits, y, self.proposal, self.cfg.k, mode=self.cfg.mode,
-                               top_t=self.cfg.top_t, correction=self.cfg.correction,
-                               generator=generator)
+            if self.stratified:
+                s = sample_stratified(teacher_logits, y, self.proposal, self.cfg.k,
+                                      self.bounds, group_rank(self.group), top_t=self.cfg.top_t,
+                                      correction=self.cfg.correction, generator=generator)
+            else:
+                s = sample_classes(teacher_logits, y, self.proposal, self.cfg.k,
+                                   mode=self.cfg.mode, top_t=self.cfg.top_t,
+                                   correction=self.cfg.correction, generator=generator)
             local, own = self._local_columns(s)
             o, a = s.log_correction, s.gather(teacher_logits)
         if s.classes.dim() == 1:

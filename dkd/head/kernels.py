@@ -6,9 +6,10 @@
 
 The head weight (C_local, d) never enters autograd as a leaf: that would allocate and
 fill a dense (C_local, d) gradient every step, which is exactly the cost sampling removes.
-Instead each call gathers the rows it needs into a small leaf ``W_U = weight[U]`` (u, d)
-(InsightFace Partial FC does the same), and autograd fills ``W_U.grad``. The sparse row
-optimizer then updates those u rows of the weight in place.
+Instead the GEMM paths gather the rows they need into a small leaf ``W_U = weight[U]``
+(u, d) (InsightFace Partial FC does the same) whose ``.grad`` autograd fills, and the
+gather path's custom backward writes the (u, d) row gradient into the handle itself. The
+sparse row optimizer then updates those u rows of the weight in place.
 
 Paths (none runs a collective; the distributed softmax reduces over columns later):
 
@@ -18,11 +19,12 @@ Paths (none runs a collective; the distributed softmax reduces over columns late
 * ``union`` — cols (B, k) per sample: U = unique(cols), one GEMM (B, d) @ (d, |U|), then
   a gather to (B, k). Wins when samples share most of their classes (|U| << B·k).
 * ``gather_dot`` — cols (B, k): logits[b, j] = φ_b · W[cols[b, j]] by a custom autograd
-  Function that never keeps a (B, k, d) tensor: the forward gathers rows chunk-wise, and
-  both backward products are ``embedding_bag`` sums (no B×k×d materialisation at all).
-  Wins when samples share few classes (|U| ≈ B·k).
+  Function that never keeps a (B, k, d) tensor: the forward gathers rows chunk-wise
+  straight from the weight, and both backward products are ``embedding_bag`` sums (no
+  B×k×d materialisation at all). Wins when samples share few classes (|U| ≈ B·k).
 * ``auto`` — batch_shared for 1-D cols; for 2-D cols the cheaper of union / gather_dot
-  under ``path_costs`` (documented there). The chosen path is ``handle.path``.
+  under ``path_costs`` (flops + balance · bytes, documented there). The chosen path is
+  ``handle.path``, for the caller to log.
 """
 from __future__ import annotations
 
@@ -32,12 +34,14 @@ import torch.nn.functional as F
 PATHS = ("batch_shared", "union", "gather_dot")
 
 # Machine balance in flop per byte: how many GEMM flops cost as much time as moving one
-# byte through memory. Measured ~8 for fp32 on 2 CPU cores; an H100 is ~20 (fp32 CUDA
-# cores) to ~150 (TF32/bf16 tensor cores). Higher values favour the gather path.
-DEFAULT_BALANCE = 10.0
+# byte through memory. 12 fits fp32 on one host core (see path_costs). Higher values
+# favour the union path (GEMMs are cheap relative to gathers).
+DEFAULT_BALANCE = 12.0
 
-# Bytes of (rows, k, d) gathered per forward chunk of gather_dot: bounds the transient.
-_CHUNK_BYTES = 4 * 2 ** 20
+# Bytes of (rows, k, d) gathered per forward chunk of gather_dot. On a host, ~1 MiB stays
+# in cache for the multiply-sum; on an accelerator, larger chunks mean fewer launches.
+_CHUNK_BYTES = 2 ** 20
+_CHUNK_BYTES_DEVICE = 64 * 2 ** 20
 
 
 class RowGrad:
@@ -107,8 +111,8 @@ class _GatherDot(torch.autograd.Function):
     Collectives: none in forward or backward (purely column-local).
     forward:  features (B, d), anchor () leaf, weight (C_local, d) detached, cols (B, k),
               order (n,), starts (u,), handle -> logits (B, k). Rows are gathered straight
-              from the weight and multiplied in chunks of at most _CHUNK_BYTES (small
-              enough to stay in cache and be recycled by the host allocator).
+              from the weight and multiplied in chunks of at most _CHUNK_BYTES (host) /
+              _CHUNK_BYTES_DEVICE (accelerator); nothing of size B·k·d is kept.
     backward: grad (B, k) ->
               grad_features (B, d) = Σ_j g[b, j] weight[cols[b, j]]
                   (one embedding_bag, bags = samples);
@@ -124,11 +128,13 @@ class _GatherDot(torch.autograd.Function):
         B, k = cols.shape
         d = features.shape[1]
         out = features.new_empty((B, k))
-        step = max(1, _CHUNK_BYTES // max(1, k * d * features.element_size()))
+        budget = _CHUNK_BYTES if features.device.type == "cpu" else _CHUNK_BYTES_DEVICE
+        step = max(1, budget // max(1, k * d * features.element_size()))
         for b0 in range(0, B, step):
             idx = cols[b0:b0 + step]
             w = weight.index_select(0, idx.reshape(-1)).view(idx.shape[0], k, d)
-            out[b0:b0 + step] = torch.bmm(w, features[b0:b0 + step].unsqueeze(2)).squeeze(2)
+            # multiply-sum, not bmm: a batched matrix-VECTOR bmm is ~3x slower on a host.
+            out[b0:b0 + step] = (w * features[b0:b0 + step].unsqueeze(1)).sum(-1)
         ctx.save_for_backward(features, weight, cols, order, starts)
         ctx.handle = handle
         return out
@@ -151,21 +157,32 @@ class _GatherDot(torch.autograd.Function):
 
 def path_costs(B: int, k: int, d: int, u: int, balance: float = DEFAULT_BALANCE,
                itemsize: int = 4) -> dict[str, float]:
-    """Cost model for the per-sample paths, in "GEMM-flop equivalents".
+    """Cost model for the per-sample paths, in "GEMM-flop equivalents" (lower is faster).
 
-    cost = GEMM flops + balance · bytes moved, forward + backward:
-      union:      flops 6·B·u·d (three (B, d, u) GEMMs);
-                  bytes (5·u·d + 5·B·u + 3·B·d)·itemsize (gather W_U, logits, the
-                  scatter of the (B, u) gradient, the operands of the backward GEMMs);
-      gather_dot: no GEMM (its dots are memory-bound);
-                  bytes (5·B·k·d + 3·u·d)·itemsize (forward gather write + read, two
-                  embedding_bag passes over B·k rows, gather W_U and write its gradient).
-    Dropping the small terms, union wins when u/k < 20·balance·d / (6·d + 20·balance),
-    i.e. when samples share classes heavily (≈ |U| < 30·k at balance 10, d = 512).
+    cost = GEMM flops + balance · bytes moved, forward + backward, where ``balance`` is the
+    machine's GEMM flop rate over its memory bandwidth (flop per byte):
+      union:      flops 6·B·u·d (three (B, d) x (d, u) GEMMs);
+                  bytes (3·u·d + 4·B·u + 2·B·d)·itemsize (gather W_U and write its
+                  gradient; write the (B, u) logits, scatter and read their gradient);
+      gather_dot: no GEMM (its dot products are memory-bound);
+                  bytes (2·B·k·d + 3·u·d)·itemsize (the forward gather and the
+                  grad-features embedding_bag each read B·k rows; the row gradient is
+                  written once, u·d, plus its allocation).
+    Union wins when samples share classes heavily. At B=256, d=512, k=120 the model puts
+    the crossover at |U| ≈ 15·k for balance 12 (measured on a 1-thread host: union 23.7 ms
+    vs gather_dot 25.1 ms at |U| = 16·k; 4.9 vs 15.5 ms at |U| = k; 383 vs 42 ms at
+    |U| = 221·k, i.e. distinct classes per sample).
     """
-    union = 6.0 * B * u * d + balance * itemsize * (5.0 * u * d + 5.0 * B * u + 3.0 * B * d)
-    gather = balance * itemsize * (5.0 * B * k * d + 3.0 * u * d)
+    union = 6.0 * B * u * d + balance * itemsize * (3.0 * u * d + 4.0 * B * u + 2.0 * B * d)
+    gather = balance * itemsize * (2.0 * B * k * d + 3.0 * u * d)
     return {"union": union, "gather_dot": gather}
+
+
+def default_balance(device: torch.device) -> float:
+    """Machine balance (flop/byte) for ``path_costs``: measured on a host; an estimate on
+    an accelerator, where tensor-core GEMMs raise it (H100: ~400 TFLOP/s TF32 over
+    3.35 TB/s ≈ 120; we take 60 to allow for gathers reaching ~half the bandwidth)."""
+    return DEFAULT_BALANCE if device.type == "cpu" else 60.0
 
 
 def _check(features: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor) -> None:
@@ -184,11 +201,12 @@ def _check(features: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor) -> 
 
 
 def sampled_logits(features: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor,
-                   path: str = "auto", balance: float = DEFAULT_BALANCE):
+                   path: str = "auto", balance: float | None = None):
     """Logits of the sampled classes and a handle to their row gradient.
 
     features: (B, d), may require grad; weight: (C_local, d), never receives ``.grad``;
     cols: (n,) local row ids shared by the batch, or (B, k) per-sample local row ids.
+    balance: flop/byte of the machine for ``auto`` (None: ``default_balance``).
     Returns (logits (B, n) or (B, k), RowGrad). Ids are not range-checked (that would
     synchronise an accelerator); out-of-range ids fail inside index_select.
     """
@@ -206,6 +224,8 @@ def sampled_logits(features: torch.Tensor, weight: torch.Tensor, cols: torch.Ten
     B, k = cols.shape
     U, inv, order, starts = unique_rows(cols, with_inverse=path != "gather_dot")
     if path == "auto":
+        if balance is None:
+            balance = default_balance(features.device)
         costs = path_costs(B, k, features.shape[1], U.numel(), balance, features.element_size())
         path = min(costs, key=costs.get)
     if k == 0:
@@ -238,4 +258,4 @@ def full_logits(features: torch.Tensor, weight: torch.Tensor):
 
 
 __all__ = ["PATHS", "DEFAULT_BALANCE", "RowGrad", "sampled_logits", "full_logits",
-           "path_costs", "unique_rows"]
+           "path_costs", "default_balance", "unique_rows"]

@@ -18,9 +18,11 @@ from dkd.sampling.sampler import SampleSet
 
 
 def pdbs_select(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                y: torch.Tensor, k: int, T: float) -> tuple[SampleSet, torch.Tensor]:
+                y: torch.Tensor, k: int, T: float,
+                ranks: torch.Tensor | None = None) -> tuple[SampleSet, torch.Tensor]:
     """Choose the PDBS set. (B, C), (B, C), (B,) -> (SampleSet with (B, k) classes,
-    (B, k) 1-based teacher ranks of the chosen classes). Column 0 is the target."""
+    (B, k) 1-based teacher ranks of the chosen classes). Column 0 is the target.
+    ranks: optional precomputed 0-based ranks, ``teacher_ranking(teacher_logits)[1]``."""
     _check_temperature(T)
     B, C = student_logits.shape
     if not (isinstance(k, int) and 1 <= k < C):
@@ -32,7 +34,9 @@ def pdbs_select(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         # +inf pins the target into the set (and to column 0, topk sorts descending).
         score.scatter_(1, y.long().unsqueeze(1), float("inf"))
         classes = score.topk(k, dim=-1).indices                   # (B, k)
-        ranks = teacher_ranking(teacher_logits)[1].gather(1, classes) + 1
+        if ranks is None:
+            ranks = teacher_ranking(teacher_logits)[1]
+        ranks = ranks.gather(1, classes) + 1
     sample_set = SampleSet(
         classes=classes,
         log_correction=torch.zeros(classes.shape, device=classes.device),
@@ -42,13 +46,13 @@ def pdbs_select(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 
 def pdbs_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor,
-              k: int, T: float, lam: float = 1.0) -> dict:
+              k: int, T: float, lam: float = 1.0, ranks: torch.Tensor | None = None) -> dict:
     """PDBS loss from full student logits (B, C) (with grad).
 
     Returns mix()'s {"loss", "kd", "ce"} plus "classes" (B, k) and "ranks" (B, k), the
     1-based teacher ranks of the chosen classes (feed them to RankHistogram.update).
     """
-    sample_set, ranks = pdbs_select(student_logits, teacher_logits, y, k, T)
+    sample_set, ranks = pdbs_select(student_logits, teacher_logits, y, k, T, ranks)
     z = student_logits.gather(1, sample_set.classes)
     a = teacher_logits.gather(1, sample_set.classes)
     tgt = sample_set.target_mask(y) if lam < 1.0 else None

@@ -137,8 +137,8 @@ def _per_sample_classwise(probs, det, m, correction, generator):
     return classes, o.float()
 
 
-def _per_sample(teacher_logits, y, proposal, m, top_t, correction, generator):
-    order, ranks = teacher_ranking(teacher_logits)
+def _per_sample(teacher_logits, ranking, y, proposal, m, top_t, correction, generator):
+    order, ranks = ranking
     rest = _non_target_order(order, ranks, y)                 # (B, C - 1)
     det = torch.cat([y.long().unsqueeze(1), rest[:, :top_t]], dim=1)   # (B, 1 + t)
     if proposal.rank_based:
@@ -155,8 +155,8 @@ def _per_sample(teacher_logits, y, proposal, m, top_t, correction, generator):
         mask=None, mode="per_sample")
 
 
-def _batch_shared(teacher_logits, y, proposal, m, top_t, correction, generator):
-    order, ranks = teacher_ranking(teacher_logits)
+def _batch_shared(teacher_logits, ranking, y, proposal, m, top_t, correction, generator):
+    order, ranks = ranking
     dev, C = teacher_logits.device, teacher_logits.shape[1]
     top = _non_target_order(order, ranks, y)[:, :top_t]
     det = torch.unique(torch.cat([y.long(), top.reshape(-1)]))
@@ -182,7 +182,8 @@ def _batch_shared(teacher_logits, y, proposal, m, top_t, correction, generator):
 def sample_classes(teacher_logits: torch.Tensor, y: torch.Tensor, proposal: Proposal,
                    m: int, *, mode: str = "per_sample", top_t: int = 0,
                    correction: str = "expected",
-                   generator: torch.Generator | None = None) -> SampleSet:
+                   generator: torch.Generator | None = None,
+                   ranking: tuple[torch.Tensor, torch.Tensor] | None = None) -> SampleSet:
     """Draw one step's sample set.
 
     teacher_logits: (B, C) (only their ordering and, for FTIS, their softmax are used).
@@ -190,8 +191,12 @@ def sample_classes(teacher_logits: torch.Tensor, y: torch.Tensor, proposal: Prop
     the teacher's top-t non-target classes are added to D. mode: "per_sample" | "batch_shared". correction:
     "expected" (o = log(n r), consistent) | "paper" (o = log r, Algorithm 1 as printed).
     generator: source of all randomness (None: torch's default generator).
+    ranking: optional precomputed ``teacher_ranking(teacher_logits)`` (the sort is the
+    costliest part for large C; a caller sampling several sets per batch sorts once).
     """
     _check_args(teacher_logits, y, m, top_t, mode, correction)
     teacher_logits = teacher_logits.detach()
+    if ranking is None:
+        ranking = teacher_ranking(teacher_logits)
     fn = _per_sample if mode == "per_sample" else _batch_shared
-    return fn(teacher_logits, y, proposal, m, top_t, correction, generator)
+    return fn(teacher_logits, ranking, y, proposal, m, top_t, correction, generator)

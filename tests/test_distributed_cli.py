@@ -1,0 +1,95 @@
+"""Real torchrun launches with gloo on CPU: multi-rank equals single rank, resharding
+resume, the multi-node path, and failures that must not hang."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, cli_env, read_metrics, summary, train_run
+
+LAYER = ["model.norm=layer"]  # batch-norm statistics depend on the local batch
+
+
+def _model(run):
+    return torch.load(run / "model.pt", weights_only=False)
+
+
+def test_two_ranks_match_one_rank_after_20_steps(tmp_path, teacher_dir):
+    sets = ["method.name=kd", f"teacher.checkpoint={teacher_dir}", *LAYER]
+    train_run(tmp_path, "one", *sets)
+    train_run(tmp_path, "two", *sets, nproc=2)
+    a, b = _model(tmp_path / "one"), _model(tmp_path / "two")
+    torch.testing.assert_close(b["head"], a["head"], atol=1e-4, rtol=1e-3)
+    for k in a["backbone"]:
+        torch.testing.assert_close(b["backbone"][k], a["backbone"][k], atol=1e-4, rtol=1e-3)
+    la = [m["loss"] for m in read_metrics(tmp_path / "one") if m["kind"] == "train"]
+    lb = [m["loss"] for m in read_metrics(tmp_path / "two") if m["kind"] == "train"]
+    assert lb == pytest.approx(la, rel=1e-4, abs=1e-5)
+
+
+def _rollback(src, dst, step):
+    shutil.copytree(src, dst)
+    for p in (dst / "checkpoints").glob("step*"):
+        if p.name != f"step{step:07d}":
+            shutil.rmtree(p)
+    (dst / "checkpoints" / "latest").write_text(f"step{step:07d}\n")
+
+
+def test_resume_reshards_the_head_2_to_1_and_3(tmp_path, teacher_dir):
+    sets = ["method.name=kd", f"teacher.checkpoint={teacher_dir}", *LAYER,
+            "train.ckpt_every=10"]
+    train_run(tmp_path, "base", *sets, nproc=2)
+    want = [m["loss"] for m in read_metrics(tmp_path / "base") if m["step"] == 11][0]
+    for world in (1, 3):
+        _rollback(tmp_path / "base", tmp_path / f"w{world}", 10)
+        train_run(tmp_path, f"w{world}", *sets, nproc=world, extra=["--resume"])
+        got = [m["loss"] for m in read_metrics(tmp_path / f"w{world}") if m["step"] == 11][0]
+        assert got == pytest.approx(want, rel=1e-4), world
+        assert summary(tmp_path / f"w{world}")["world_size"] == world
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_localhost_with_c10d_rendezvous(tmp_path):
+    port = _port()
+    flags = [x for s in [*TINY, f"out_dir={tmp_path}", "name=mn", "method.name=hard"]
+             for x in ("--set", s)]
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               f"--node_rank={node}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+               "--rdzv_id=dkdtest", "-m", "dkd", "train", *flags]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    assert summary(tmp_path / "mn")["world_size"] == 2
+
+
+def test_a_dead_rank_fails_the_job_instead_of_hanging(tmp_path):
+    env = dict(cli_env(), DKD_FAULT_INJECT="1:5")  # rank 1 exits abruptly at step 5
+    flags = [x for s in [*TINY, f"out_dir={tmp_path}", "name=dead", "method.name=hard",
+                         "dist.timeout_s=20"] for x in ("--set", s)]
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "-m", "dkd", "train", *flags], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert time.time() - t0 < 240
+    assert not (tmp_path / "dead" / "summary.json").exists()
+
+
+def test_world_larger_than_class_count_is_refused(tmp_path):
+    proc = train_run(tmp_path, "big", "method.name=hard", "data.num_classes=2",
+                     "data.num_super_classes=2", nproc=3, check=False)
+    assert proc.returncode != 0
+    assert "world size 3 exceeds data.num_classes = 2" in proc.stderr + proc.stdout
