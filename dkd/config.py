@@ -96,6 +96,8 @@ class MethodConfig(_Section):
     """KD-sim: power applied to the resulting distribution before renormalising."""
     pt_sim_alpha: float = Field(0.5, ge=0.0, le=1.0)
     """KD-pt+sim: weight of KD-pt in the convex combination with KD-sim."""
+    rank_phases: int = Field(3, ge=1)
+    """PDBS runs: training phases of the saved teacher-rank histograms (rank_stats.json)."""
     dis_weight: float = Field(0.55, gt=0.0, lt=1.0)
     """DIS: mixture weight of the left (rank 0) Laplace component."""
     dis_b1: float = Field(3.0, gt=0)
@@ -117,6 +119,9 @@ class MethodConfig(_Section):
 class OptimConfig(_Section):
     name: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam"
     """Optimizer of the backbone and the head."""
+    head_name: Optional[Literal["sgd", "adam", "adamw"]] = None
+    """Optimizer of the class-sharded head (row-sparse, lazy). Default: the same as `name`,
+    or adam when `name` is rmsprop (no row-sparse RMSProp)."""
     lr: float = Field(3e-3, gt=0)
     """Peak learning rate."""
     momentum: float = Field(0.9, ge=0.0, lt=1.0)

@@ -9,7 +9,8 @@ error ||g - g_full|| / ||g_full|| of the weight gradient. The KD term alone is c
 
 k is the per-row budget: the target, the teacher's top_t classes (0 by default) and
 k - 1 - top_t draws. In batch_shared mode the deterministic set is every target of the
-batch, so a row sees up to B - 1 more exact columns than k; ``columns`` records the mean number of columns each row actually uses.
+batch, so a row sees up to B - 1 more exact columns than k; ``columns`` records the mean
+number of columns each row actually uses.
 """
 from __future__ import annotations
 

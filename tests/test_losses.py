@@ -162,7 +162,8 @@ def _shard_worker(rank, world, port, out_dir):
         terms = full_kd_terms(zl, p, y, T, group=dist.group.WORLD, col_start=lo)
         loss = mix(terms, 0.6, T)["loss"]
         ce_sm = softmax_ce(zl, torch.softmax(a, -1)[:, lo:hi], group=dist.group.WORLD)
-        o = torch.linspace(-0.5, 0.5, 13, dtype=torch.float64)[lo:hi]     # sampled estimator with corrections
+        # the sampled estimator, with corrections, on the same column split
+        o = torch.linspace(-0.5, 0.5, 13, dtype=torch.float64)[lo:hi]
         tgt = target_onehot(y, hi - lo, lo).bool()
         st = sampled_kd_terms(zl, a[:, lo:hi], o, T, tgt, group=dist.group.WORLD)
         total = loss + ce_sm.sum() + st["kd"].sum() + st["ce"].sum()

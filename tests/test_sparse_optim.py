@@ -133,3 +133,17 @@ def test_chunked_step_equals_one_chunk(kind):
     assert torch.equal(a, b)
     for name in opt_a.state:
         assert torch.equal(opt_a.state[name], opt_b.state[name])
+
+
+def test_more_duplicate_rows_than_the_shard_has():
+    """Gradient accumulation hands over rows of several micro-batches: u > C_local."""
+    w = torch.randn(4, 3)
+    dense_w = w.clone().requires_grad_(True)
+    opt = SparseRowOptimizer(w, "adam", lr=0.1)
+    ref = torch.optim.Adam([dense_w], lr=0.1)
+    rows = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 1])
+    g = torch.randn(9, 3)
+    opt.step(rows, g)
+    dense_w.grad = torch.zeros(4, 3).index_add_(0, rows, g)
+    ref.step()
+    torch.testing.assert_close(w, dense_w.detach())

@@ -57,7 +57,7 @@ def deepspeed_config(cfg: RunConfig, ctx: DistContext) -> dict:
 
 def head_optimizer(head: ShardedHead, cfg: RunConfig) -> SparseRowOptimizer:
     o = cfg.optim
-    kind = {"sgd": "sgd", "adam": "adam", "adamw": "adamw", "rmsprop": "rmsprop"}[o.name]
+    kind = o.head_name or ("adam" if o.name == "rmsprop" else o.name)
     return head.make_optimizer(kind, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 

@@ -24,6 +24,7 @@ from dkd.engine.distributed import DistContext, init_distributed
 from dkd.engine.evaluate import evaluate_top1
 from dkd.engine.rundir import atomic_write_json, atomic_write_text, default_name, prepare_run_dir
 from dkd.engine.schedule import lr_at, set_lr
+from dkd.engine.stats import RunStats
 from dkd.engine.sync import check_proposal_sync
 from dkd.logging.progress import make_progress
 from dkd.logging.sinks import make_sinks
@@ -142,6 +143,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
             truncate_metrics(run_dir / "metrics.jsonl", start_step)
     sinks = make_sinks(run_dir, cfg.model_dump(mode="json"), cfg.wandb, ctx.is_rank0)
     timer = RegionTimer(ctx.device, enabled=True, sync=cfg.profiling.sync)
+    stats = RunStats(run_dir, cfg.method.name, p.data.num_classes, cfg.train.steps,
+                     cfg.method.rank_phases, enabled=ctx.is_rank0 and not resume)
     p.layer.region = timer.region
     t_start = time.perf_counter()
     with maybe_profile(cfg.profiling.enabled and ctx.is_rank0, run_dir, cfg.profiling.wait,
@@ -155,6 +158,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
             if cfg.dist.check_proposal_sync and p.layer.proposal is not None:
                 check_proposal_sync(p.layer.proposal, ctx.group)
             out = train_step(p, cfg, step, timer)
+            stats.update(out, step, p.layer.proposal)
             prof.step()
             times, iter_ms = timer.collect(), (time.perf_counter() - t0) * 1e3
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
@@ -170,6 +174,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
     top1 = _eval(p, cfg)
     sinks.log({"kind": "eval", "step": cfg.train.steps, "eval/top1": top1}, step=cfg.train.steps)
     _save(p, run_dir, cfg.train.steps)
+    stats.finish()
     _finish(p, cfg, run_dir, top1, time.perf_counter() - t_start)
     sinks.finish()
     return run_dir

@@ -100,9 +100,10 @@ def stratified_counts(shard_mass: torch.Tensor, m: int,
     multinomial (with replacement) over the fractional parts. Since the fractional parts
     sum to that remainder, the expectation is exact.
 
-    Identical on every rank given the same ``shard_mass`` and ``generator`` state (the
-    arithmetic runs in float64 on the generator's device); the generator is advanced only
-    when a remainder is drawn, i.e. the same way on every rank.
+    Identical on every rank given a bit-identical ``shard_mass`` (e.g. computed from the
+    replicated proposal, or all-gathered) and the same ``generator`` state: the arithmetic
+    runs in float64 on the generator's device, and the generator is advanced only when a
+    remainder is drawn, i.e. the same way on every rank.
     """
     if shard_mass.dim() != 1 or shard_mass.numel() == 0:
         raise ValueError(f"shard_mass must have shape (P,), got {tuple(shard_mass.shape)}")

@@ -162,7 +162,8 @@ class SparseRowOptimizer:
         if "exp_avg_sq" in self.state:
             names.append("denom")
         if self._scratch is None or self._scratch.shape[1] < u:
-            cap = min(self.weight.shape[0], max(u, u + u // 4))
+            # u may exceed C_local when rows repeat (e.g. summed micro-batches)
+            cap = max(u, min(self.weight.shape[0], u + u // 4))
             self._scratch = None  # free the old one first
             self._scratch = self.weight.new_empty((len(names), cap, d))
         work = {n: self._scratch[i, :u] for i, n in enumerate(names)}

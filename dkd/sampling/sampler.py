@@ -2,8 +2,8 @@
 
 A sample set S = D + {c_1..c_m}: D (the target, optionally the teacher's top-t) is always
 included with correction o = 0; c_1..c_m are m draws with replacement from the proposal r
-restricted to C \\ D and renormalised, with o = log(n * r(c)), the log of the expected
-count of c among the n draws ("expected", the default), or o = log r(c) (the paper's
+restricted to C \\ D and renormalised, with o = log(m * r(c)), the log of the expected
+count of c among the m draws ("expected", the default), or o = log r(c) (the paper's
 Algorithm 1 as printed: "paper"). The loss then uses z/T - o and a/T - o on S only
 (:mod:`dkd.losses.sampled`).
 
@@ -18,10 +18,10 @@ Two modes (DESIGN.md, "Two ways to apply a proposal to a batch"):
   is the same for all rows. The teacher proposal (FTIS) is per sample, so it draws m
   classes per sample. Shapes (B, 1 + top_t + m).
 * ``batch_shared``: one class set for the batch from the batch mixture
-  r̄(c) = (1/B) sum_b r_b(c), D = every target and top-t (non-target) class of the
-  batch. Duplicate
-  draws are merged into one column with o - log(count) (the same sum of exponentials), so
-  columns are unique and the head touches each row once. Shapes (n,).
+  r̄(c) = (1/B) sum_b r_b(c) (r_b on the full teacher ranking), D = every target and
+  top-t non-target class of the batch. Duplicate draws are merged into one column with
+  o - log(count) (the same sum of exponentials), so columns are unique and the head
+  touches each row once. Shapes (n,).
 
 All randomness comes from the torch.Generator passed in: the same generator state on
 every rank gives the same sample set on every rank, without communication.
@@ -187,9 +187,11 @@ def sample_classes(teacher_logits: torch.Tensor, y: torch.Tensor, proposal: Prop
     """Draw one step's sample set.
 
     teacher_logits: (B, C) (only their ordering and, for FTIS, their softmax are used).
-    y: (B,) targets. m >= 1 draws (with replacement; m may exceed C). top_t in [0, C - 1):
-    the teacher's top-t non-target classes are added to D. mode: "per_sample" | "batch_shared". correction:
-    "expected" (o = log(n r), consistent) | "paper" (o = log r, Algorithm 1 as printed).
+    y: (B,) targets. m >= 1 draws (with replacement; m may exceed C).
+    top_t in [0, C - 1): the teacher's top-t non-target classes are added to D.
+    mode: "per_sample" | "batch_shared".
+    correction: "expected" (o = log(m r), consistent) | "paper" (o = log r, Algorithm 1
+    as printed, which over-weights the sampled tail m-fold against D).
     generator: source of all randomness (None: torch's default generator).
     ranking: optional precomputed ``teacher_ranking(teacher_logits)`` (the sort is the
     costliest part for large C; a caller sampling several sets per batch sorts once).
