@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
+                      model_validator)
 
 
 class ConfigError(ValueError):
@@ -23,10 +24,17 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    kind: Literal["synthetic"] = "synthetic"
-    """Dataset. `synthetic`: Tang et al. 2020, section 5.1, generated on the fly from `seed`."""
+    kind: Literal["synthetic", "cifar100", "market1501", "imagefolder", "text"] = "synthetic"
+    """Dataset. `synthetic`: Tang et al. 2020, section 5.1, generated on the fly from `seed`.
+    `cifar100`: torchvision's `cifar-100-python` pickles (fine labels). `market1501`: the
+    Market-1501 re-ID layout (`bounding_box_train`, `bounding_box_test`, `query`).
+    `imagefolder`: `<root>/<class>/*.jpg|png` (or `<root>/{train,test}/<class>/...`).
+    `text`: word-level next-word prediction over plain-text files. All but `synthetic` read
+    `root` and never download."""
     num_classes: int = Field(100, ge=2)
-    """Number of classes C (>= 2)."""
+    """Number of classes C (>= 2) of the synthetic task. File datasets take C from the files
+    (CIFAR-100: 100, Market-1501: training identities, ImageFolder: class folders, text:
+    vocabulary size incl. `<unk>`)."""
     input_dim: int = Field(16, ge=2)
     """Input dimension of the synthetic samples."""
     num_super_classes: int = Field(10, ge=1)
@@ -42,12 +50,45 @@ class DataConfig(_Section):
     test_size: int = Field(5000, ge=1)
     """Held-out samples for top-1."""
     seed: int = 0
-    """Seed of the dataset (class vectors and samples); independent of the run seed."""
+    """Seed of the dataset (class vectors and samples); independent of the run seed. File
+    datasets use it for the ImageFolder fraction split and for augmentation."""
+    root: Optional[str] = None
+    """Dataset location (file datasets only). cifar100: the directory holding
+    `cifar-100-python/` (or that directory itself); market1501: the directory holding
+    `bounding_box_train/`, `bounding_box_test/`, `query/`; imagefolder: the class tree;
+    text: one `.txt` file or a directory whose `*.txt` files are read in name order."""
+    image_size: Optional[tuple[PositiveInt, PositiveInt]] = None
+    """Images are resized to (height, width) pixels. None: the dataset's usual size,
+    32x32 for cifar100 and imagefolder, 128x64 for market1501."""
+    augment: bool = False
+    """Light augmentation of training images (random crop after 1/8-size zero padding and
+    horizontal flip). Off by default: samples are then a pure function of their index."""
+    train_fraction: float = Field(0.9, gt=0.0, lt=1.0)
+    """Fraction going to the training split: per class for an imagefolder tree without
+    `train/`+`test/` subfolders, and the leading fraction of the token stream for text."""
+    vocab_size: int = Field(10000, ge=1)
+    """Text: the V most frequent training words form the vocabulary; every other word maps
+    to `<unk>`, so there are at most V + 1 classes."""
+    context: int = Field(4, ge=1)
+    """Text: number n of previous tokens a sample gives to predict the next token."""
+
+    @model_validator(mode="after")
+    def _check_root(self):
+        if self.kind != "synthetic" and self.root is None:
+            raise ValueError(f"data.root: dataset kind {self.kind!r} reads files; set data.root "
+                             "to its directory")
+        return self
 
 
 class ModelConfig(_Section):
-    arch: Literal["mlp"] = "mlp"
-    """Backbone architecture (registry name)."""
+    arch: Literal["mlp", "resnet32", "lenet", "shallow_cnn", "resnet18", "resnet152",
+                  "ngram_mlp", "transformer"] = "mlp"
+    """Backbone architecture (registry name). Image backbones (resnet32, lenet, shallow_cnn,
+    resnet18, resnet152) take (B, 3, H, W); text ones (ngram_mlp, transformer) take (B, n)
+    token ids. Every backbone returns (B, feature_dim): one whose natural width differs
+    (resnet32: 64, lenet: 84, shallow_cnn: 2048, resnet18: 512, resnet152: 2048,
+    transformer: embed_dim) ends in a Linear-norm-ReLU projection to feature_dim; set
+    feature_dim to the natural width for the unmodified architecture."""
     hidden: int = Field(128, ge=1)
     """Width of the residual MLP blocks."""
     depth: int = Field(2, ge=0)
@@ -56,6 +97,26 @@ class ModelConfig(_Section):
     """Dimension d of the features fed to the classifier head."""
     norm: Literal["batch", "layer", "none"] = "batch"
     """Normalisation in the MLP. `layer` makes P data-parallel ranks match one process."""
+    embed_dim: int = Field(64, ge=1)
+    """Text models: width of the token embeddings (the transformer's model width)."""
+    layers: int = Field(2, ge=1)
+    """Transformer: number of encoder layers (feed-forward width 4 * embed_dim)."""
+    heads: int = Field(4, ge=1)
+    """Transformer: attention heads; must divide embed_dim."""
+    causal: bool = True
+    """Transformer: causal self-attention over the context (False: bidirectional)."""
+    pooling: Literal["last", "mean"] = "last"
+    """Transformer: the features are the last position's output, or the mean over positions."""
+    vocab_size: int = Field(0, ge=0)
+    """Text models: rows of the token embedding table. 0: taken from the dataset (the
+    `vocab_size` passed to build_backbone, i.e. DataBundle.vocab_size)."""
+
+    @model_validator(mode="after")
+    def _check_heads(self):
+        if self.arch == "transformer" and self.embed_dim % self.heads:
+            raise ValueError(f"model.heads = {self.heads} must divide model.embed_dim = "
+                             f"{self.embed_dim}")
+        return self
 
 
 class TeacherConfig(_Section):

@@ -93,3 +93,13 @@ def test_world_larger_than_class_count_is_refused(tmp_path):
                      "data.num_super_classes=2", nproc=3, check=False)
     assert proc.returncode != 0
     assert "world size 3 exceeds data.num_classes = 2" in proc.stderr + proc.stdout
+
+
+def test_deepspeed_launcher_runs_two_ranks(tmp_path):
+    env = dict(cli_env(), NPROC="2", PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    flags = [x for s in [*TINY, f"out_dir={tmp_path}", "name=ds", "method.name=hard"]
+             for x in ("--set", s)]
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "deepspeed.sh"), *flags], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert summary(tmp_path / "ds")["world_size"] == 2

@@ -1,0 +1,56 @@
+"""The CIFAR ResNets of He et al. 2016 (section 4.2): a 3x3 conv with 16 filters, three
+stages of n basic blocks with 16, 32, 64 filters (stride 2 at the start of stages 2 and 3),
+global average pooling; depth = 6n + 2 (ResNet-32: n = 5, 0.46 M parameters). Shortcuts
+that change shape are the paper's option A: subsample by 2 and zero-pad the new channels
+(no parameters). Features: the pooled 64-dim vector, after the last block's ReLU."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.stride, self.pad = stride, c_out - c_in
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride != 1:
+            x = x[:, :, ::self.stride, ::self.stride]
+        if self.pad:
+            x = F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNetCIFAR(nn.Module):
+    """(B, 3, H, W) -> (B, 64)."""
+
+    def __init__(self, depth: int = 32, in_channels: int = 3):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n + 2, got {depth}")
+        n = (depth - 2) // 6
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(16), nn.ReLU())
+        blocks, c_in = [], 16
+        for stage, width in enumerate((16, 32, 64)):
+            for i in range(n):
+                blocks.append(BasicBlock(c_in, width, 2 if stage > 0 and i == 0 else 1))
+                c_in = width
+        self.blocks = nn.Sequential(*blocks)
+        self.feature_dim = 64
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1)

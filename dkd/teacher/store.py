@@ -1,0 +1,376 @@
+"""The soft-label store: the teacher's logits for every training sample, written once by
+`dkd relabel` (see ``dkd.teacher.relabel``) and memory-mapped by training.
+
+A store is a directory::
+
+    manifest.json                   written last: its presence means "complete"
+    shard-00000.json                per-shard record (row range, sha256 of its files)
+    shard-00000.logits.npy          full layout: (rows, C) raw logits
+    shard-00000.{ids,logits,lse}.npy  topk layout: (rows, K) class ids sorted by logit
+                                    descending, (rows, K) logits, (rows,) float64 lse
+
+Logits are raw (temperature-free, T = 1): the temperature is applied at training time.
+In the ``topk`` layout, ``lse`` is the log-sum-exp of all C logits *as stored*: the top K
+rounded to the stored dtype plus the exact tail, so exp(lse) - sum(exp(top-K)) is the
+teacher's tail mass to float64 precision whatever the logit dtype. The KD-topk teacher
+(Tang et al. 2020) spreads that mass evenly over the C - K other classes; a store with
+K >= C holds every logit and behaves exactly like a ``full`` store.
+
+Every write is atomic (temporary file, fsync, rename) and every shard file carries a
+sha256, so an interrupted relabel resumes shard by shard and a corrupted file is named.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dkd.config import ConfigError
+
+FORMAT = "dkd-soft-label-store"
+VERSION = 1
+MANIFEST = "manifest.json"
+LOGITS_NOTE = ("raw teacher logits, temperature-free (T = 1); apply the temperature at "
+               "training time")
+
+
+class StoreError(ConfigError):
+    """A soft-label store that cannot be used; the message says which check failed."""
+
+
+def canonical(obj) -> str:
+    """Canonical JSON text of a fingerprint, so dict key order never matters."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- the plan
+
+@dataclass(frozen=True)
+class StorePlan:
+    """Everything that determines a store's bytes; identical on every writer rank."""
+
+    num_samples: int                       # N
+    num_classes: int                       # C
+    layout: str                            # "full" | "topk"
+    k: int | None                          # stored classes per sample (topk), else None
+    logits_dtype: str                      # "float16" | "float32"
+    shard_rows: int                        # samples per shard (the last may be shorter)
+    teacher_fingerprint: str
+    dataset_fingerprint: object            # caller's str / dict (JSON-serialisable)
+    ids_dtype: str = field(init=False)
+
+    def __post_init__(self):
+        if self.layout not in ("full", "topk"):
+            raise ValueError(f"layout must be 'full' or 'topk', got {self.layout!r}")
+        if self.logits_dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype must be 'float16' or 'float32', got {self.logits_dtype!r}")
+        if self.num_samples < 1 or self.num_classes < 1 or self.shard_rows < 1:
+            raise ValueError("num_samples, num_classes and shard_rows must be >= 1")
+        if self.layout == "topk" and not (self.k and 1 <= self.k <= self.num_classes):
+            raise ValueError(f"topk layout needs 1 <= K <= C = {self.num_classes}, got {self.k}")
+        ids = "int32" if self.num_classes <= np.iinfo(np.int32).max else "int64"
+        object.__setattr__(self, "ids_dtype", ids)
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_samples // self.shard_rows)
+
+    def shard_range(self, i: int) -> tuple[int, int]:
+        start = i * self.shard_rows
+        return start, min(start + self.shard_rows, self.num_samples)
+
+    def roles(self) -> dict[str, tuple[str, tuple]]:
+        """File role -> (dtype, per-row shape)."""
+        if self.layout == "full":
+            return {"logits": (self.logits_dtype, (self.num_classes,))}
+        return {"ids": (self.ids_dtype, (self.k,)), "logits": (self.logits_dtype, (self.k,)),
+                "lse": ("float64", ())}
+
+    def header(self) -> dict:
+        """The manifest without its shard list."""
+        return {"format": FORMAT, "version": VERSION, "num_samples": self.num_samples,
+                "num_classes": self.num_classes, "layout": self.layout, "k": self.k,
+                "dtypes": {r: d for r, (d, _) in self.roles().items()},
+                "logits_note": LOGITS_NOTE, "shard_rows": self.shard_rows,
+                "teacher_fingerprint": self.teacher_fingerprint,
+                "dataset_fingerprint": self.dataset_fingerprint}
+
+    @property
+    def plan_id(self) -> str:
+        return hashlib.sha256(canonical(self.header()).encode()).hexdigest()
+
+
+def choose_layout(num_classes: int, topk: int | None, full_threshold: int) -> tuple[str, int | None]:
+    """``full`` when C <= full_threshold, else ``topk`` with K = min(topk, C)."""
+    if num_classes <= full_threshold:
+        return "full", None
+    if topk is None or topk < 1:
+        raise ValueError(f"C = {num_classes} > full_threshold = {full_threshold}: the store "
+                         f"is top-K and needs topk >= 1, got {topk}")
+    return "topk", min(topk, num_classes)
+
+
+def _diff(a, b) -> str:
+    """Human-readable differences between two fingerprints / headers."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b), key=str)
+        parts = [f"{k}: {a.get(k, '<absent>')!r} vs {b.get(k, '<absent>')!r}"
+                 for k in keys if canonical(a.get(k)) != canonical(b.get(k))]
+        return "; ".join(parts) or "identical"
+    return f"{a!r} vs {b!r}"
+
+
+
+
+# ----------------------------------------------------------------------------- reading
+
+def tail_logit(topk_logits: torch.Tensor, lse: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """KD-topk completion: the logit of every class outside the top K, (B,) float64.
+
+    log((exp(lse) - sum_k exp(topk_k)) / (C - K)), computed as
+    lse + log(-expm1(lse_topk - lse)) - log(C - K) so nothing overflows. A tail mass that
+    rounds to <= 0 is floored at the smallest float64 (finite, negligible). -inf if K >= C.
+    """
+    k = topk_logits.shape[-1]
+    lse = lse.double()
+    if k >= num_classes:
+        return torch.full_like(lse, float("-inf"))
+    head = topk_logits.double().logsumexp(-1)                          # (B,)
+    rest = (-torch.expm1(head - lse)).clamp_min(torch.finfo(torch.float64).tiny)
+    return lse + torch.log(rest) - math.log(num_classes - k)
+
+
+def complete_topk(topk_ids: torch.Tensor, topk_logits: torch.Tensor, lse: torch.Tensor,
+                  num_classes: int) -> torch.Tensor:
+    """Dense (B, C) float32 logits of the KD-topk teacher: the stored top K, and the
+    remaining mass spread evenly over the other C - K classes (exact when K >= C).
+    softmax of the result at T = 1 equals ``kd_topk_target`` of the original logits; at
+    T != 1 it is a flat-tail teacher, not softmax(a / T) truncated (that needs lse(a / T)).
+    """
+    tail = tail_logit(topk_logits, lse, num_classes).float()          # (B,)
+    out = tail.unsqueeze(1).expand(-1, num_classes).clone()            # (B, C)
+    return out.scatter_(1, topk_ids.long(), topk_logits.float())
+
+
+@dataclass
+class TeacherBatch:
+    """Teacher data of a batch of samples, float32 / int64 CPU tensors.
+
+    ``logits`` is set when the store holds every logit (full layout, or top-K with K >= C);
+    the top-K fields when the store is top-K (``tail_logit`` = the completed logit of every
+    class outside the top K, computed in float64 from the stored lse).
+    """
+
+    num_classes: int
+    logits: torch.Tensor | None = None        # (B, C)
+    topk_ids: torch.Tensor | None = None      # (B, K) sorted by teacher logit, descending
+    topk_logits: torch.Tensor | None = None   # (B, K)
+    lse: torch.Tensor | None = None           # (B,) log-sum-exp of all C logits
+    tail_logit: torch.Tensor | None = None    # (B,)
+
+    @property
+    def exact(self) -> bool:
+        """True when every teacher logit is known (no completion needed)."""
+        return self.logits is not None
+
+    def dense(self, allow_topk_completion: bool = False) -> torch.Tensor:
+        """(B, C) logits: exact, or the KD-topk completion when explicitly allowed."""
+        if self.logits is not None:
+            return self.logits
+        if not allow_topk_completion:
+            raise StoreError(f"the store holds only the teacher's top-{self.topk_ids.shape[1]} "
+                             f"of {self.num_classes} logits; dense logits need "
+                             "allow_topk_completion=True (the KD-topk teacher)")
+        return complete_topk(self.topk_ids, self.topk_logits, self.lse, self.num_classes)
+
+    def topk(self, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids (B, k), logits (B, k), lse (B,)) from either layout; k <= the stored K."""
+        if self.topk_ids is not None:
+            if k is not None and k > self.topk_ids.shape[1]:
+                raise StoreError(f"asked for the teacher's top-{k} but the store holds only "
+                                 f"K = {self.topk_ids.shape[1]}; relabel with topk >= {k}")
+            return self.topk_ids[:, :k], self.topk_logits[:, :k], self.lse
+        vals, ids = self.logits.topk(min(k or self.num_classes, self.num_classes), dim=1)
+        return ids, vals, self.logits.logsumexp(1)
+
+    def to(self, device) -> "TeacherBatch":
+        move = {f: (getattr(self, f).to(device) if getattr(self, f) is not None else None)
+                for f in ("logits", "topk_ids", "topk_logits", "lse", "tail_logit")}
+        return TeacherBatch(self.num_classes, **move)
+
+
+class SoftLabelStore:
+    """Memory-mapped reader of a store, checked against what the caller expects.
+
+    verify: True hashes every shard now (reads the whole store); "lazy" hashes a shard the
+    first time a sample of it is read; False never (shapes and dtypes are always checked).
+    expect_*: None skips that check. Every refusal is a ``StoreError`` naming the check.
+    """
+
+    def __init__(self, path: str | Path, *, expect_dataset=None,
+                 expect_num_samples: int | None = None, expect_num_classes: int | None = None,
+                 expect_teacher: str | None = None, verify: bool | str = True):
+        if verify not in (True, False, "lazy"):
+            raise ValueError(f"verify must be True, False or 'lazy', got {verify!r}")
+        self.path = Path(path)
+        self.manifest = m = self._load_manifest()
+        self.num_samples, self.num_classes = m["num_samples"], m["num_classes"]
+        self.layout, self.k = m["layout"], m["k"]
+        self._check(expect_num_samples, expect_num_classes, expect_dataset, expect_teacher)
+        self._shards = m["shards"]
+        self._check_shard_ranges()
+        self._starts = np.array([s["start"] for s in self._shards], dtype=np.int64)
+        self._arrays = [self._open_shard(s) for s in self._shards]
+        self._verify_mode, self._verified = verify, set()
+        if verify is True:
+            for i in range(len(self._shards)):
+                self._verify(i)
+
+    # -- checks (each message says which check failed) --
+    def _fail(self, what: str) -> StoreError:
+        return StoreError(f"soft-label store {self.path}: {what}")
+
+    def _load_manifest(self) -> dict:
+        if not self.path.is_dir():
+            raise self._fail("directory does not exist")
+        p = self.path / MANIFEST
+        if not p.exists():
+            raise self._fail(f"missing {MANIFEST}: not a soft-label store, or its `dkd relabel` "
+                             "did not finish (re-run it on this directory to resume)")
+        try:
+            m = json.loads(p.read_text())
+        except ValueError as err:
+            raise self._fail(f"{MANIFEST} is not valid JSON ({err})") from None
+        if m.get("format") != FORMAT:
+            raise self._fail(f"{MANIFEST} format is {m.get('format')!r}, expected {FORMAT!r}")
+        if m.get("version") != VERSION:
+            raise self._fail(f"manifest version {m.get('version')!r} is unknown (this dkd "
+                             f"reads version {VERSION}); relabel with this dkd")
+        return m
+
+    def _check(self, n, c, dataset, teacher) -> None:
+        if n is not None and n != self.num_samples:
+            raise self._fail(f"N mismatch: the store holds N = {self.num_samples} samples, the "
+                             f"dataset split has {n}; relabel for this dataset")
+        if c is not None and c != self.num_classes:
+            raise self._fail(f"C mismatch: the store holds C = {self.num_classes} classes, the "
+                             f"dataset has {c}; relabel for this dataset")
+        got = self.manifest["dataset_fingerprint"]
+        if dataset is not None and canonical(got) != canonical(dataset):
+            raise self._fail(f"dataset fingerprint differs (store vs expected: "
+                             f"{_diff(got, dataset)}); relabel for this dataset")
+        got = self.manifest["teacher_fingerprint"]
+        if teacher is not None and got != teacher:
+            raise self._fail(f"teacher fingerprint differs (store {got!r}, expected "
+                             f"{teacher!r}); relabel with this teacher")
+
+    def _check_shard_ranges(self) -> None:
+        pos = 0
+        for s in self._shards:
+            if s["start"] != pos or s["stop"] <= s["start"]:
+                raise self._fail(f"manifest shards do not tile [0, {self.num_samples}) "
+                                 f"(shard {s['index']} covers [{s['start']}, {s['stop']}))")
+            pos = s["stop"]
+        if pos != self.num_samples:
+            raise self._fail(f"manifest shards cover {pos} of N = {self.num_samples} samples")
+
+    def _open_shard(self, s: dict) -> dict[str, np.ndarray]:
+        roles = {"full": ("logits",), "topk": ("ids", "logits", "lse")}[self.layout]
+        arrays = {}
+        for role in roles:
+            f = s["files"][role]
+            name = f["name"]
+            if Path(name).name != name:
+                raise self._fail(f"shard file name {name!r} is not a plain file name")
+            if not (self.path / name).exists():
+                raise self._fail(f"shard file {name} is missing")
+            try:
+                arr = np.load(self.path / name, mmap_mode="r")
+            except (ValueError, OSError) as err:
+                raise self._fail(f"shard file {name} cannot be read ({err}): truncated or "
+                                 "corrupt; re-run `dkd relabel` on this directory") from None
+            want = (s["stop"] - s["start"], *f["shape"][1:])
+            if arr.shape != want or arr.dtype != np.dtype(self.manifest["dtypes"][role]):
+                raise self._fail(f"shard file {name} has shape {arr.shape} {arr.dtype}, the "
+                                 f"manifest says {want} {self.manifest['dtypes'][role]}")
+            arrays[role] = arr
+        return arrays
+
+    def _verify(self, i: int) -> None:
+        for f in self._shards[i]["files"].values():
+            got = file_sha256(self.path / f["name"])
+            if got != f["sha256"]:
+                raise self._fail(f"shard file {f['name']} fails its sha256 check (expected "
+                                 f"{f['sha256'][:16]}…, got {got[:16]}…): corruption detected; "
+                                 "re-run `dkd relabel` on this directory to rewrite it")
+        self._verified.add(i)
+
+    # -- reading --
+    @property
+    def exact(self) -> bool:
+        """True when the store holds every teacher logit (full, or top-K with K >= C)."""
+        return self.layout == "full" or self.k >= self.num_classes
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _gather(self, ids) -> dict[str, np.ndarray]:
+        ids = np.asarray(ids.cpu() if torch.is_tensor(ids) else ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_samples):
+            raise IndexError(f"sample ids must lie in [0, {self.num_samples}), got "
+                             f"[{ids.min()}, {ids.max()}]")
+        shard_of = np.searchsorted(self._starts, ids, side="right") - 1
+        out = {r: np.empty((len(ids), *a.shape[1:]), a.dtype) for r, a in self._arrays[0].items()}
+        for s in np.unique(shard_of).tolist():
+            if self._verify_mode == "lazy" and s not in self._verified:
+                self._verify(s)
+            sel = np.nonzero(shard_of == s)[0]
+            local = ids[sel] - self._starts[s]
+            for role, arr in self._arrays[s].items():
+                out[role][sel] = arr[local]
+        return out
+
+    def get(self, sample_ids) -> TeacherBatch:
+        """Teacher data of split-local sample ids (B,) -> ``TeacherBatch`` (CPU tensors)."""
+        raw = self._gather(sample_ids)
+        logits = torch.from_numpy(raw["logits"].astype(np.float32))
+        if self.layout == "full":
+            return TeacherBatch(self.num_classes, logits=logits)
+        ids, lse = torch.from_numpy(raw["ids"].astype(np.int64)), torch.from_numpy(raw["lse"])
+        tail = tail_logit(logits, lse, self.num_classes).float()
+        dense = complete_topk(ids, logits, lse, self.num_classes) if self.exact else None
+        return TeacherBatch(self.num_classes, logits=dense, topk_ids=ids, topk_logits=logits,
+                            lse=lse.float(), tail_logit=tail)
+
+    def dense_logits(self, sample_ids, allow_topk_completion: bool = False) -> torch.Tensor:
+        """(B, C) float32 teacher logits; a top-K store (K < C) gives the KD-topk completion
+        only with allow_topk_completion=True. Memory: B x C x 4 bytes."""
+        return self.get(sample_ids).dense(allow_topk_completion)
+
+
+def require_full(store: SoftLabelStore, method_name: str, allow_completion: bool,
+                 how_to_allow: str = "allow_topk_completion=True") -> None:
+    """Refuse a top-K store (K < C) for a method that needs all C teacher logits, unless the
+    KD-topk completion was explicitly allowed."""
+    if store.exact or allow_completion:
+        return
+    raise StoreError(
+        f"method {method_name!r} needs all {store.num_classes} teacher logits per sample, but "
+        f"the soft-label store {store.path} holds only the top-{store.k} (layout topk, chosen "
+        f"because C > full_threshold at relabel time). Either relabel with full_threshold >= "
+        f"{store.num_classes} to store every logit, or set {how_to_allow} to train against "
+        f"the KD-topk teacher (top-{store.k} exact, the remaining mass spread evenly over the "
+        f"other {store.num_classes - store.k} classes), which is not the original teacher.")

@@ -1,0 +1,39 @@
+"""Profiling, W&B offline logging and the report, on real training runs."""
+import json
+import re
+import statistics
+
+from conftest import read_metrics, run_cli, train_run
+from dkd.logging.sinks import read_wandb_offline
+
+
+def test_profiled_runs_wandb_readback_and_report(tmp_path, teacher_dir):
+    common = [f"teacher.checkpoint={teacher_dir}", "train.steps=12", "wandb.mode=offline"]
+    train_run(tmp_path, "full", "method.name=kd", "profiling.enabled=true",
+              "profiling.wait=1", "profiling.warmup=1", "profiling.active=2", *common)
+    train_run(tmp_path, "dis", "method.name=dis", "method.k=5", *common)
+
+    run = tmp_path / "full"
+    traces = list((run / "traces").glob("*.json"))
+    assert traces and "dkd/softmax_layer" in traces[0].read_text()
+    assert list((run / "tb").iterdir())
+    assert not (tmp_path / "dis" / "traces").exists()  # profiling off: no trace files
+
+    steps = [m for m in read_metrics(run) if m["kind"] == "train"]
+    assert [m["step"] for m in steps] == list(range(1, 13))
+    assert all(m["softmax_ms"] > 0 for m in steps)
+
+    config, history = read_wandb_offline(run)
+    assert config["method"]["name"] == "kd" and config["train"]["steps"] == 12
+    logged = {int(h["step"]) for h in history if "softmax_ms" in h}
+    assert logged == set(range(1, 13))
+
+    out = tmp_path / "report"
+    run_cli(["report", str(run), str(tmp_path / "dis"), "--out", str(out)])
+    md = (out / "report.md").read_text()
+    assert (out / "report.html").is_file() and list(out.glob("*.png"))
+    med = {n: statistics.median(m["softmax_ms"] for m in read_metrics(tmp_path / n)
+                                if m["kind"] == "train") for n in ("full", "dis")}
+    row = next(line for line in md.splitlines() if line.startswith("| dis | dis |"))
+    speedup = float(re.search(r"\| ([0-9.]+)x \|", row).group(1))
+    assert abs(speedup - med["full"] / med["dis"]) <= 0.006
