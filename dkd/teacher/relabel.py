@@ -12,7 +12,8 @@ and rewrites the others. The manifest is written last, by rank 0, after all rank
 from __future__ import annotations
 
 import hashlib
-import math
+import json
+
 import os
 from pathlib import Path
 from typing import Callable
@@ -91,6 +92,14 @@ def encode_logits(logits: torch.Tensor, plan: StorePlan) -> dict[str, np.ndarray
 
 # ----------------------------------------------------------------------------- writing
 
+def _read_json(path: Path) -> dict | None:
+    """A JSON record, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _shard_name(i: int) -> str:
     return f"shard-{i:05d}"
 
@@ -108,8 +117,9 @@ class StoreWriter:
     def prepare(self, overwrite: bool = False) -> None:
         """Create the directory; refuse one that holds a store of another plan."""
         self.path.mkdir(parents=True, exist_ok=True)
-        for tmp in self.path.glob(f".shard-*{_TMP_SUFFIX}"):
-            tmp.unlink(missing_ok=True)  # left by a writer that was killed mid-file
+        for pattern in (f".shard-*{_TMP_SUFFIX}", f".{MANIFEST}.*{_TMP_SUFFIX}"):
+            for tmp in self.path.glob(pattern):
+                tmp.unlink(missing_ok=True)  # left by a writer that was killed mid-file
         old = [p for p in [self.path / MANIFEST, *self.path.glob("shard-*.json")] if p.exists()]
         if overwrite:
             (self.path / MANIFEST).unlink(missing_ok=True)  # the store is incomplete from now
@@ -117,13 +127,17 @@ class StoreWriter:
                 p.unlink()
             return
         for p in old:
-            rec = json.loads(p.read_text())
-            other = rec if p.name == MANIFEST else rec.get("plan", {})
+            rec = _read_json(p)
+            if rec is None:
+                if p.name == MANIFEST:
+                    raise StoreError(f"{p} is unreadable; pass overwrite=True to rewrite the store")
+                continue  # an unreadable shard record: that shard is simply rewritten
             if rec.get("plan_id") != self.plan.plan_id:
-                raise StoreError(f"{self.path} already holds a soft-label store (or part of "
-                                 f"one) written with other settings ({_diff(other, self.plan.header())});"
-                                 " pass overwrite=True (`dkd relabel --overwrite`) or choose "
-                                 "another directory")
+                other = _diff(rec if p.name == MANIFEST else rec.get("plan", {}),
+                              self.plan.header())
+                raise StoreError(f"{self.path} already holds a soft-label store (or part of one) "
+                                 f"written with other settings (existing vs requested: {other}); "
+                                 "pass overwrite=True or choose another directory")
 
     def empty_shard(self, i: int) -> dict[str, np.ndarray]:
         start, stop = self.plan.shard_range(i)
@@ -135,8 +149,8 @@ class StoreWriter:
         meta = self.path / f"{_shard_name(i)}.json"
         if not meta.exists():
             return False
-        rec = json.loads(meta.read_text())
-        if rec.get("plan_id") != self.plan.plan_id:
+        rec = _read_json(meta)
+        if rec is None or rec.get("plan_id") != self.plan.plan_id:
             return False
         return all((self.path / f["name"]).exists()
                    and file_sha256(self.path / f["name"]) == f["sha256"]
@@ -164,7 +178,7 @@ class StoreWriter:
         shards = []
         for i in range(self.plan.num_shards):
             meta = self.path / f"{_shard_name(i)}.json"
-            rec = json.loads(meta.read_text()) if meta.exists() else None
+            rec = _read_json(meta)
             if rec is None or rec.get("plan_id") != self.plan.plan_id:
                 raise StoreError(f"{self.path}: shard {meta.name} is missing or from another "
                                  "relabel; cannot write the manifest")
@@ -192,3 +206,144 @@ def write_store(path: str | Path, logits: torch.Tensor, *, dataset_fingerprint,
     return Path(path)
 
 
+# ----------------------------------------------------------------------------- relabel
+
+def default_shard_rows(row_bytes: int, target_bytes: int = 256 << 20) -> int:
+    """Samples per shard: the largest power of two whose shard stays under ~256 MiB."""
+    return 1 << max(0, (target_bytes // max(1, row_bytes)).bit_length() - 1)
+
+
+def rank_shards(num_shards: int, world: int, rank: int) -> range:
+    """Rank ``rank``'s contiguous block of shard indices (uneven splits allowed)."""
+    base, extra = divmod(num_shards, world)
+    start = base * rank + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def _teacher_device(teacher) -> torch.device:
+    weight = getattr(teacher, "head_weight", None)
+    if torch.is_tensor(weight):
+        return weight.device
+    params = getattr(teacher, "parameters", None)
+    first = next(iter(params()), None) if callable(params) else None
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _all_ranks(group, what: str, fn: Callable[[], object]) -> None:
+    """Run ``fn`` on this rank, then agree with every rank on success (one all-reduce MIN),
+    so one rank's error stops all of them instead of leaving them waiting at a barrier."""
+    err = None
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 (re-raised below, after the others are told)
+        err = e
+    if group is not None and dist.get_world_size(group) > 1:
+        dev = (torch.device("cuda", torch.cuda.current_device())
+               if dist.get_backend(group) == "nccl" else torch.device("cpu"))
+        ok = torch.tensor([0 if err else 1], device=dev)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+        if err is None and int(ok.item()) == 0:
+            raise RuntimeError(f"relabel: another rank failed while {what}; the shards that were "
+                               "completed are kept, re-run the same command to resume")
+    if err is not None:
+        raise err
+
+
+@torch.no_grad()
+def _write_shards(teacher, split, writer: StoreWriter, shards: range, batch_size: int,
+                  device: torch.device, log: Callable[[str], None] | None) -> None:
+    plan = writer.plan
+    for i in shards:
+        if writer.shard_done(i):
+            if log:
+                log(f"relabel: shard {i + 1}/{plan.num_shards} already complete, skipped")
+            continue
+        start, stop = plan.shard_range(i)
+        bufs = writer.empty_shard(i)
+        for b0 in range(start, stop, batch_size):
+            b1 = min(b0 + batch_size, stop)
+            x, _ = split.get(torch.arange(b0, b1))
+            rows = encode_logits(teacher.logits(x.to(device)), plan)
+            if len(rows["logits"]) != b1 - b0:
+                raise ValueError(f"teacher returned {len(rows['logits'])} rows for a batch of "
+                                 f"{b1 - b0} samples")
+            for role, arr in rows.items():
+                bufs[role][b0 - start:b1 - start] = arr
+        writer.write_shard(i, bufs)
+        if log:
+            log(f"relabel: shard {i + 1}/{plan.num_shards} written (samples [{start}, {stop}))")
+
+
+def relabel(teacher, split, out_dir: str | Path, *, num_classes: int, topk: int | None,
+            full_threshold: int, batch_size: int, dataset_fingerprint, teacher_fingerprint: str,
+            group=None, dtype: str = "float16", shard_rows: int | None = None,
+            device: torch.device | None = None, overwrite: bool = False,
+            log: Callable[[str], None] | None = None) -> Path:
+    """Run ``teacher.logits(x) -> (B, C)`` over every sample of ``split`` and write the store.
+
+    Layout: ``full`` (all C logits) when C <= full_threshold, else ``topk`` with
+    K = min(topk, C). dtype: storage dtype of the logits. shard_rows: samples per shard
+    (default: ~256 MiB shards). group: the process group of the writer ranks (None = one
+    process); every rank must call this with the same arguments, and out_dir must be on a
+    file system all of them see. device: where the teacher's inputs go (default: the
+    teacher's own). overwrite: replace a store written with other settings (default:
+    refuse it; a store of the same settings is resumed). Returns out_dir.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    layout, k = choose_layout(num_classes, topk, full_threshold)
+    if shard_rows is None:
+        width, itemsize = (num_classes, 0) if layout == "full" else (k, 4)
+        shard_rows = default_shard_rows(width * (np.dtype(dtype).itemsize + itemsize) + 8)
+    plan = StorePlan(len(split), num_classes, layout, k, dtype, shard_rows,
+                     teacher_fingerprint, dataset_fingerprint)
+    writer = StoreWriter(out_dir, plan)
+    rank, world = group_rank(group), group_size(group)
+    device = device if device is not None else _teacher_device(teacher)
+    _all_ranks(group, "preparing the output directory",
+               lambda: writer.prepare(overwrite) if rank == 0 else None)
+    mine = rank_shards(plan.num_shards, world, rank)
+    _all_ranks(group, "writing shards",
+               lambda: _write_shards(teacher, split, writer, mine, batch_size, device, log))
+    _all_ranks(group, "writing the manifest", lambda: writer.finalize() if rank == 0 else None)
+    return Path(out_dir)
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+def state_fingerprint(state: dict) -> str:
+    """sha256 over a state dict's names, dtypes, shapes and bytes (order-independent)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name]
+        if torch.is_tensor(t):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(f"{name}|{t!r}|".encode())
+    return h.hexdigest()
+
+
+def teacher_fingerprint(teacher) -> str:
+    """"file-sha256:<hex>" of the teacher's model file (LiveTeacher), else
+    "state-sha256:<hex>" of its state dict; anything else must be fingerprinted by the caller."""
+    path = getattr(teacher, "path", None)
+    if path is not None and Path(path).is_file():
+        return "file-sha256:" + file_sha256(Path(path))
+    if callable(getattr(teacher, "state_dict", None)):
+        return "state-sha256:" + state_fingerprint(teacher.state_dict())
+    raise ValueError(f"cannot fingerprint a {type(teacher).__name__}: pass teacher_fingerprint "
+                     "explicitly")
+
+
+def dataset_fingerprint(data_cfg, split: str = "train") -> dict:
+    """The data config fields that determine a split's samples, plus the split's name.
+
+    ``data_cfg`` is a ``DataConfig`` (pydantic). The train split of the synthetic data does
+    not depend on test_size, so changing only the test set keeps the store valid.
+    """
+    fp = data_cfg.model_dump()
+    if split == "train":
+        fp.pop("test_size", None)
+    return {"split": split, **fp}

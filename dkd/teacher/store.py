@@ -1,5 +1,5 @@
 """The soft-label store: the teacher's logits for every training sample, written once by
-`dkd relabel` (see ``dkd.teacher.relabel``) and memory-mapped by training.
+`dkd relabel` (the writer is ``dkd.teacher.relabel``) and memory-mapped by training.
 
 A store is a directory::
 
@@ -11,8 +11,9 @@ A store is a directory::
 
 Logits are raw (temperature-free, T = 1): the temperature is applied at training time.
 In the ``topk`` layout, ``lse`` is the log-sum-exp of all C logits *as stored*: the top K
-rounded to the stored dtype plus the exact tail, so exp(lse) - sum(exp(top-K)) is the
-teacher's tail mass to float64 precision whatever the logit dtype. The KD-topk teacher
+rounded to the stored dtype plus the tail summed in float32, stored as float64, so
+exp(lse) - sum(exp(top-K)) recovers the tail mass without the top-K's float16 rounding
+error leaking into it (the stored triple is self-consistent). The KD-topk teacher
 (Tang et al. 2020) spreads that mass evenly over the C - K other classes; a store with
 K >= C holds every logit and behaves exactly like a ``full`` store.
 
@@ -113,7 +114,8 @@ class StorePlan:
         return hashlib.sha256(canonical(self.header()).encode()).hexdigest()
 
 
-def choose_layout(num_classes: int, topk: int | None, full_threshold: int) -> tuple[str, int | None]:
+def choose_layout(num_classes: int, topk: int | None,
+                  full_threshold: int) -> tuple[str, int | None]:
     """``full`` when C <= full_threshold, else ``topk`` with K = min(topk, C)."""
     if num_classes <= full_threshold:
         return "full", None
