@@ -54,3 +54,10 @@ def test_missing_file_and_bad_override():
 def test_dump_round_trips():
     cfg = load_config(None, ["method.name=ftis", "method.k=5"])
     assert RunConfig.model_validate(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+def test_readme_config_reference_is_current():
+    from dkd.config import reference_markdown
+
+    assert reference_markdown() in (ROOT / "README.md").read_text(), \
+        "README's config table is stale: paste dkd.config.reference_markdown() into it"
