@@ -53,7 +53,7 @@ def reid_retrieval(query_feats: torch.Tensor, gallery_feats: torch.Tensor,
                    gallery_ids: torch.Tensor, gallery_cams: torch.Tensor, *,
                    metric: Literal["euclidean", "cosine"] = "euclidean", max_rank: int = 10,
                    ap_mode: Literal["mean", "trapezoid"] = "mean",
-                   dist_matrix: Optional[torch.Tensor] = None) -> dict:
+                   dist_matrix: Optional[torch.Tensor] = None, chunk: int = 256) -> dict:
     """Market-1501 protocol, query vs gallery.
 
     For each query the gallery is sorted by distance (ascending, stable: ties keep gallery
@@ -64,24 +64,28 @@ def reid_retrieval(query_feats: torch.Tensor, gallery_feats: torch.Tensor,
 
     Returns {"map": mean AP (%), "rank1": CMC at rank 1 (%), "cmc": (max_rank,) tensor of
     CMC (%) at ranks 1..max_rank, "ap": (Q,) per-query AP (NaN when skipped), "num_valid"}.
+    ``dist_matrix`` (Q, G) replaces the feature distances; queries are ranked ``chunk`` at
+    a time, so memory is O(chunk * G), not O(Q * G).
     """
-    dist_mat = dist_matrix if dist_matrix is not None else \
-        pairwise_distance(query_feats, gallery_feats, metric)  # (Q, G)
-    order = torch.sort(dist_mat, dim=1, stable=True).indices
     aps = torch.full((len(query_ids),), float("nan"), dtype=torch.float64)
     cmc = torch.zeros(max_rank, dtype=torch.float64)
     valid = 0
-    for i in range(len(query_ids)):
-        g_ids, g_cams = gallery_ids[order[i]], gallery_cams[order[i]]
-        keep = ~(((g_ids == query_ids[i]) & (g_cams == query_cams[i])) | (g_ids == -1))
-        matches = (g_ids == query_ids[i])[keep]
-        if not bool(matches.any()):
-            continue
-        valid += 1
-        aps[i] = average_precision(matches, ap_mode)
-        first = int(torch.nonzero(matches)[0])
-        if first < max_rank:
-            cmc[first:] += 1
+    for lo in range(0, len(query_ids), chunk):  # (chunk, G) distances at a time
+        rows = slice(lo, min(lo + chunk, len(query_ids)))
+        dist_rows = dist_matrix[rows] if dist_matrix is not None else \
+            pairwise_distance(query_feats[rows], gallery_feats, metric)
+        order = torch.sort(dist_rows, dim=1, stable=True).indices
+        for j, i in enumerate(range(rows.start, rows.stop)):
+            g_ids, g_cams = gallery_ids[order[j]], gallery_cams[order[j]]
+            keep = ~(((g_ids == query_ids[i]) & (g_cams == query_cams[i])) | (g_ids == -1))
+            matches = (g_ids == query_ids[i])[keep]
+            if not bool(matches.any()):
+                continue
+            valid += 1
+            aps[i] = average_precision(matches, ap_mode)
+            first = int(torch.nonzero(matches)[0])
+            if first < max_rank:
+                cmc[first:] += 1
     if valid == 0:
         raise ValueError("reid_retrieval: no query has a valid match in the gallery (same "
                          "identity, other camera)")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dkd.config import ConfigError, RunConfig
+from dkd.config import SAMPLED_METHODS, ConfigError, RunConfig
 from dkd.data import global_batch_indices, local_slice
 from dkd.dist.functional import gather_rows, gather_rows_nograd
 from dkd.engine import checkpoint as ckpt
@@ -199,7 +199,7 @@ def _finish(p: TrainParts, cfg: RunConfig, run_dir: Path, top1: float, wall_s: f
     export_model(run_dir / "model.pt", cfg.model, p.data.num_classes, p.data.input_dim,
                  p.engine.module, full_head)
     summary = {"name": run_dir.name, "method": cfg.method.name, "classes": p.data.num_classes,
-               "k": cfg.method.k, "mode": cfg.method.mode if cfg.method.k else None,
+               "k": cfg.method.k, "mode": cfg.method.mode if cfg.method.name in SAMPLED_METHODS else None,
                "steps": cfg.train.steps, "top1": top1, "wall_s": round(wall_s, 3),
                "world_size": p.ctx.world, "teacher": cfg.teacher.checkpoint}
     atomic_write_json(run_dir / "summary.json", summary)

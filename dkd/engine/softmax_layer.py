@@ -35,6 +35,8 @@ def build_method_proposal(cfg: MethodConfig, total_steps: int) -> Proposal | Non
     if cfg.name == "dis":
         return build_proposal("dis", w=cfg.dis_weight, b1=cfg.dis_b1, b2_start=cfg.dis_b2_start,
                               b2_end=cfg.dis_b2_end, total_steps=total_steps)
+    if cfg.name == "ftis":  # the proposal matches the KD target softmax(a/T)
+        return build_proposal("ftis", temperature=cfg.temperature)
     return build_proposal(cfg.name)
 
 

@@ -14,14 +14,15 @@ import torch
 
 from dkd.head.shard import stratified_counts, stratified_log_correction
 from dkd.sampling.proposals import Proposal, teacher_ranking
-from dkd.sampling.sampler import SampleSet
+from dkd.sampling.sampler import SampleSet, _non_target_order
 
 
 def batch_mixture(teacher_logits: torch.Tensor, y: torch.Tensor, proposal: Proposal,
                   top_t: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(r̄ (C,) float64 normalised on C \\ D, D (n_D,) sorted class ids)."""
     order, ranks = teacher_ranking(teacher_logits)
-    det = torch.unique(torch.cat([y.long(), order[:, :top_t].reshape(-1)]))
+    top = _non_target_order(order, ranks, y)[:, :top_t]  # same D as the one-process sampler
+    det = torch.unique(torch.cat([y.long(), top.reshape(-1)]))
     rbar = proposal.class_probs(teacher_logits, ranks).double().mean(0)
     rbar[det] = 0.0
     return rbar / rbar.sum().clamp_min(1e-300), det

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-
 import os
 from pathlib import Path
 from typing import Callable
@@ -81,16 +80,13 @@ def encode_logits(logits: torch.Tensor, plan: StorePlan) -> dict[str, np.ndarray
     if plan.layout == "full":
         return {"logits": a.to(tdtype).cpu().numpy()}
     vals, ids = a.topk(plan.k, dim=1, sorted=True)                 # (B, K) descending
-    vals_r = vals.to(tdtype)                                       # as stored
-    m = vals[:, :1]                                                # (B, 1) row max
-    tail = torch.exp(a - m).scatter(1, ids, 0.0).sum(1).double()   # (B,) exact tail mass
-    head = torch.exp(vals_r.double() - m.double()).sum(1)          # (B,) stored top-K mass
-    lse = m.squeeze(1).double() + torch.log(head + tail)           # (B,) float64
-    return {"ids": ids.cpu().numpy().astype(plan.ids_dtype), "logits": vals_r.cpu().numpy(),
-            "lse": lse.cpu().numpy()}
+    # The tail's log-sum-exp directly (not exp(lse) - sum(exp(top-K)) later, which cancels
+    # catastrophically when the top K hold all but 1e-7 of the mass); -inf when K == C.
+    tail_lse = a.scatter(1, ids, float("-inf")).logsumexp(1)      # (B,)
+    return {"ids": ids.cpu().numpy().astype(plan.ids_dtype),
+            "logits": vals.to(tdtype).cpu().numpy(),
+            "lse": a.logsumexp(1).cpu().numpy(), "tail_lse": tail_lse.cpu().numpy()}
 
-
-# ----------------------------------------------------------------------------- writing
 
 def _read_json(path: Path) -> dict | None:
     """A JSON record, or None when it is missing or unreadable."""
@@ -286,8 +282,9 @@ def relabel(teacher, split, out_dir: str | Path, *, num_classes: int, topk: int 
     (default: ~256 MiB shards). group: the process group of the writer ranks (None = one
     process); every rank must call this with the same arguments, and out_dir must be on a
     file system all of them see. device: where the teacher's inputs go (default: the
-    teacher's own). overwrite: replace a store written with other settings (default:
-    refuse it; a store of the same settings is resumed). Returns out_dir.
+    teacher's own). overwrite: delete whatever store out_dir holds and start afresh
+    (default: resume a store of the same settings, refuse one of other settings). log: an
+    optional callback for one line per shard. Returns out_dir.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -6,16 +6,19 @@ A store is a directory::
     manifest.json                   written last: its presence means "complete"
     shard-00000.json                per-shard record (row range, sha256 of its files)
     shard-00000.logits.npy          full layout: (rows, C) raw logits
-    shard-00000.{ids,logits,lse}.npy  topk layout: (rows, K) class ids sorted by logit
-                                    descending, (rows, K) logits, (rows,) float64 lse
+    shard-00000.ids.npy             topk layout: (rows, K) class ids, sorted by logit desc.
+    shard-00000.logits.npy                       (rows, K) their logits
+    shard-00000.lse.npy                          (rows,) float32 log-sum-exp of all C logits
+    shard-00000.tail_lse.npy                     (rows,) float32 log-sum-exp of the C - K
+                                                 logits outside the top K (-inf if K = C)
 
 Logits are raw (temperature-free, T = 1): the temperature is applied at training time.
-In the ``topk`` layout, ``lse`` is the log-sum-exp of all C logits *as stored*: the top K
-rounded to the stored dtype plus the tail summed in float32, stored as float64, so
-exp(lse) - sum(exp(top-K)) recovers the tail mass without the top-K's float16 rounding
-error leaking into it (the stored triple is self-consistent). The KD-topk teacher
-(Tang et al. 2020) spreads that mass evenly over the C - K other classes; a store with
-K >= C holds every logit and behaves exactly like a ``full`` store.
+The KD-topk teacher (Tang et al. 2020) spreads the tail mass exp(lse) - sum exp(top-K)
+evenly over the C - K other classes. That difference cancels catastrophically when the top
+K hold nearly all the mass (a top logit of 42 and a tail share of 1e-14 is lost even in
+float64, worse still with float16 top-K logits), so the store keeps the tail's own
+log-sum-exp too (4 bytes a sample) and the completion uses it. A store with K >= C holds
+every logit and behaves exactly like a ``full`` store.
 
 Every write is atomic (temporary file, fsync, rename) and every shard file carries a
 sha256, so an interrupted relabel resumes shard by shard and a corrupted file is named.
@@ -38,6 +41,10 @@ VERSION = 1
 MANIFEST = "manifest.json"
 LOGITS_NOTE = ("raw teacher logits, temperature-free (T = 1); apply the temperature at "
                "training time")
+
+
+_REQUIRED = ("num_samples", "num_classes", "layout", "k", "dtypes", "teacher_fingerprint",
+             "dataset_fingerprint", "shards")
 
 
 class StoreError(ConfigError):
@@ -98,7 +105,7 @@ class StorePlan:
         if self.layout == "full":
             return {"logits": (self.logits_dtype, (self.num_classes,))}
         return {"ids": (self.ids_dtype, (self.k,)), "logits": (self.logits_dtype, (self.k,)),
-                "lse": ("float64", ())}
+                "lse": ("float32", ()), "tail_lse": ("float32", ())}
 
     def header(self) -> dict:
         """The manifest without its shard list."""
@@ -140,11 +147,13 @@ def _diff(a, b) -> str:
 # ----------------------------------------------------------------------------- reading
 
 def tail_logit(topk_logits: torch.Tensor, lse: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """KD-topk completion: the logit of every class outside the top K, (B,) float64.
+    """KD-topk completion from (top-K, lse) alone: the logit of every class outside the top
+    K, log((exp(lse) - sum_k exp(topk_k)) / (C - K)), (B,) float64; -inf if K >= C.
 
-    log((exp(lse) - sum_k exp(topk_k)) / (C - K)), computed as
-    lse + log(-expm1(lse_topk - lse)) - log(C - K) so nothing overflows. A tail mass that
-    rounds to <= 0 is floored at the smallest float64 (finite, negligible). -inf if K >= C.
+    Computed as lse + log(-expm1(lse_topk - lse)) - log(C - K), so nothing overflows; a
+    tail that rounds to <= 0 is floored at the smallest float64 (finite, negligible). It
+    still cancels when the tail share is below lse's rounding (~1e-7 for float32 lse): a
+    store batch carries the exact ``tail_logit`` instead, prefer it.
     """
     k = topk_logits.shape[-1]
     lse = lse.double()
@@ -155,15 +164,14 @@ def tail_logit(topk_logits: torch.Tensor, lse: torch.Tensor, num_classes: int) -
     return lse + torch.log(rest) - math.log(num_classes - k)
 
 
-def complete_topk(topk_ids: torch.Tensor, topk_logits: torch.Tensor, lse: torch.Tensor,
+def complete_topk(topk_ids: torch.Tensor, topk_logits: torch.Tensor, tail: torch.Tensor,
                   num_classes: int) -> torch.Tensor:
-    """Dense (B, C) float32 logits of the KD-topk teacher: the stored top K, and the
-    remaining mass spread evenly over the other C - K classes (exact when K >= C).
-    softmax of the result at T = 1 equals ``kd_topk_target`` of the original logits; at
-    T != 1 it is a flat-tail teacher, not softmax(a / T) truncated (that needs lse(a / T)).
+    """Dense (B, C) float32 logits of the KD-topk teacher: the top K as given, every other
+    class the per-sample tail logit ``tail`` (B,) (exact when K >= C: nothing is filled).
+    softmax of the result at T = 1 is ``kd_topk_target`` of the original logits; at T != 1
+    it is a flat-tail teacher, not softmax(a / T) truncated (that would need lse(a / T)).
     """
-    tail = tail_logit(topk_logits, lse, num_classes).float()          # (B,)
-    out = tail.unsqueeze(1).expand(-1, num_classes).clone()            # (B, C)
+    out = tail.float().unsqueeze(1).expand(-1, num_classes).clone()    # (B, C)
     return out.scatter_(1, topk_ids.long(), topk_logits.float())
 
 
@@ -172,8 +180,8 @@ class TeacherBatch:
     """Teacher data of a batch of samples, float32 / int64 CPU tensors.
 
     ``logits`` is set when the store holds every logit (full layout, or top-K with K >= C);
-    the top-K fields when the store is top-K (``tail_logit`` = the completed logit of every
-    class outside the top K, computed in float64 from the stored lse).
+    the top-K fields when the store is top-K (``tail_logit`` = the KD-topk logit of every
+    class outside the top K, log(tail mass / (C - K)); -inf when K >= C).
     """
 
     num_classes: int
@@ -196,7 +204,7 @@ class TeacherBatch:
             raise StoreError(f"the store holds only the teacher's top-{self.topk_ids.shape[1]} "
                              f"of {self.num_classes} logits; dense logits need "
                              "allow_topk_completion=True (the KD-topk teacher)")
-        return complete_topk(self.topk_ids, self.topk_logits, self.lse, self.num_classes)
+        return complete_topk(self.topk_ids, self.topk_logits, self.tail_logit, self.num_classes)
 
     def topk(self, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids (B, k), logits (B, k), lse (B,)) from either layout; k <= the stored K."""
@@ -241,6 +249,15 @@ class SoftLabelStore:
             for i in range(len(self._shards)):
                 self._verify(i)
 
+    def __getstate__(self) -> dict:
+        """Pickle without the memory maps (pickling a memmap copies its data); a worker
+        process reopens them."""
+        return {k: v for k, v in self.__dict__.items() if k != "_arrays"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._arrays = [self._open_shard(s) for s in self._shards]
+
     # -- checks (each message says which check failed) --
     def _fail(self, what: str) -> StoreError:
         return StoreError(f"soft-label store {self.path}: {what}")
@@ -261,6 +278,10 @@ class SoftLabelStore:
         if m.get("version") != VERSION:
             raise self._fail(f"manifest version {m.get('version')!r} is unknown (this dkd "
                              f"reads version {VERSION}); relabel with this dkd")
+        missing = sorted(set(_REQUIRED) - set(m))
+        if missing or m["layout"] not in ("full", "topk"):
+            raise self._fail(f"{MANIFEST} is malformed (missing {missing}, layout "
+                             f"{m.get('layout')!r}); relabel with overwrite")
         return m
 
     def _check(self, n, c, dataset, teacher) -> None:
@@ -290,7 +311,7 @@ class SoftLabelStore:
             raise self._fail(f"manifest shards cover {pos} of N = {self.num_samples} samples")
 
     def _open_shard(self, s: dict) -> dict[str, np.ndarray]:
-        roles = {"full": ("logits",), "topk": ("ids", "logits", "lse")}[self.layout]
+        roles = {"full": ("logits",), "topk": ("ids", "logits", "lse", "tail_lse")}[self.layout]
         arrays = {}
         for role in roles:
             f = s["files"][role]
@@ -351,11 +372,12 @@ class SoftLabelStore:
         logits = torch.from_numpy(raw["logits"].astype(np.float32))
         if self.layout == "full":
             return TeacherBatch(self.num_classes, logits=logits)
-        ids, lse = torch.from_numpy(raw["ids"].astype(np.int64)), torch.from_numpy(raw["lse"])
-        tail = tail_logit(logits, lse, self.num_classes).float()
-        dense = complete_topk(ids, logits, lse, self.num_classes) if self.exact else None
+        ids = torch.from_numpy(raw["ids"].astype(np.int64))
+        rest = math.log(max(1, self.num_classes - self.k))           # C - K tail classes
+        tail = (torch.from_numpy(raw["tail_lse"]).double() - rest).float()  # -inf if K >= C
+        dense = complete_topk(ids, logits, tail, self.num_classes) if self.exact else None
         return TeacherBatch(self.num_classes, logits=dense, topk_ids=ids, topk_logits=logits,
-                            lse=lse.float(), tail_logit=tail)
+                            lse=torch.from_numpy(raw["lse"]), tail_logit=tail)
 
     def dense_logits(self, sample_ids, allow_topk_completion: bool = False) -> torch.Tensor:
         """(B, C) float32 teacher logits; a top-K store (K < C) gives the KD-topk completion
