@@ -33,9 +33,11 @@ def train(config: Optional[Path] = typer.Option(None, "--config", "-c",
 
     try:
         cfg = load_config(config, set_)  # no file: the embedded default (configs/synthetic.yaml)
+        from dkd.engine.distributed import shutdown
         from dkd.engine.loop import train as run_train
 
         run_dir = run_train(cfg, resume=resume, overwrite=overwrite)
+        shutdown()
     except ConfigError as err:
         _fail(str(err))
     if os.environ.get("RANK", "0") == "0":

@@ -48,6 +48,28 @@ def average_precision(matches: torch.Tensor, mode: Literal["mean", "trapezoid"] 
     return float(((before + precision) / 2).mean())
 
 
+def _ranked_ap(q_ids: torch.Tensor, q_cams: torch.Tensor, g_ids: torch.Tensor,
+               g_cams: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gallery identities/cameras already sorted per query, (c, G) -> AP (c,) and the
+    0-based rank of the first match among the kept images (c,), -1 without a match."""
+    same = g_ids == q_ids[:, None]
+    junk = (same & (g_cams == q_cams[:, None])) | (g_ids == -1)  # removed from the list
+    match = same & ~junk
+    pos = torch.cumsum(~junk, 1) - 1  # rank among the kept images (valid where kept)
+    k = torch.cumsum(match, 1).double()  # matches up to and including this position
+    n = match.sum(1)
+    precision = k / (pos + 1).clamp_min(1)
+    if mode == "trapezoid":
+        before = torch.where(pos > 0, (k - 1) / pos.clamp_min(1), torch.ones_like(k))
+        precision = (before + precision) / 2
+    elif mode != "mean":
+        raise ValueError(f"mode must be 'mean' or 'trapezoid', got {mode!r}")
+    ap = (precision * match).sum(1) / n.clamp_min(1)
+    big = torch.iinfo(torch.long).max
+    first = torch.where(match, pos, torch.full_like(pos, big)).min(1).values
+    return ap, torch.where(n > 0, first, torch.full_like(first, -1))
+
+
 def reid_retrieval(query_feats: torch.Tensor, gallery_feats: torch.Tensor,
                    query_ids: torch.Tensor, query_cams: torch.Tensor,
                    gallery_ids: torch.Tensor, gallery_cams: torch.Tensor, *,
@@ -67,7 +89,7 @@ def reid_retrieval(query_feats: torch.Tensor, gallery_feats: torch.Tensor,
     ``dist_matrix`` (Q, G) replaces the feature distances; queries are ranked ``chunk`` at
     a time, so memory is O(chunk * G), not O(Q * G).
     """
-    aps = torch.full((len(query_ids),), float("nan"), dtype=torch.float64)
+    aps = torch.empty(len(query_ids), dtype=torch.float64)
     cmc = torch.zeros(max_rank, dtype=torch.float64)
     valid = 0
     for lo in range(0, len(query_ids), chunk):  # (chunk, G) distances at a time
@@ -75,17 +97,14 @@ def reid_retrieval(query_feats: torch.Tensor, gallery_feats: torch.Tensor,
         dist_rows = dist_matrix[rows] if dist_matrix is not None else \
             pairwise_distance(query_feats[rows], gallery_feats, metric)
         order = torch.sort(dist_rows, dim=1, stable=True).indices
-        for j, i in enumerate(range(rows.start, rows.stop)):
-            g_ids, g_cams = gallery_ids[order[j]], gallery_cams[order[j]]
-            keep = ~(((g_ids == query_ids[i]) & (g_cams == query_cams[i])) | (g_ids == -1))
-            matches = (g_ids == query_ids[i])[keep]
-            if not bool(matches.any()):
-                continue
-            valid += 1
-            aps[i] = average_precision(matches, ap_mode)
-            first = int(torch.nonzero(matches)[0])
-            if first < max_rank:
-                cmc[first:] += 1
+        dev = order.device  # rank on the features' device; collect on the CPU
+        ap, first = _ranked_ap(query_ids[rows].to(dev), query_cams[rows].to(dev),
+                               gallery_ids.to(dev)[order], gallery_cams.to(dev)[order], ap_mode)
+        ap, first = ap.cpu(), first.cpu()
+        ok = first >= 0
+        aps[rows] = torch.where(ok, ap, torch.full_like(ap, float("nan")))
+        valid += int(ok.sum())
+        cmc += (first[ok, None] <= torch.arange(max_rank)).sum(0).double()
     if valid == 0:
         raise ValueError("reid_retrieval: no query has a valid match in the gallery (same "
                          "identity, other camera)")

@@ -18,13 +18,6 @@ from dkd.sampling.proposals import LaplaceMixtureProposal, build_proposal, teach
 from dkd.sampling.sampler import SampleSet, sample_classes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 B, C, D_, T = 4, 50, 16, 4.0
 

@@ -7,13 +7,6 @@ import torch
 from dkd.fidelity import fidelity_markdown, run_fidelity, write_fidelity
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 KEYS = {"method", "mode", "correction", "classes", "k", "cosine_logits", "cosine_weight",
         "rel_err"}

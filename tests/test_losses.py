@@ -16,13 +16,6 @@ from dkd.losses.targets import kd_target
 from dkd.sampling.proposals import teacher_ranking
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 def _data(B=5, C=11, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -9,13 +9,6 @@ from dkd.sampling.proposals import (LaplaceMixtureProposal, TeacherProposal, Uni
 from dkd.sampling.sampler import sample_classes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _teacher(B=6, C=40, seed=0):

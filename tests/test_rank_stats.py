@@ -10,13 +10,6 @@ from dkd.sampling.proposals import LaplaceMixtureProposal, laplace_mixture_bins
 from dkd.sampling.rank_stats import RankHistogram, fit_laplace_mixture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_update_bins_ranks_by_phase():

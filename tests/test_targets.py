@@ -10,13 +10,6 @@ from dkd.losses.targets import (kd_pt_sim_target, kd_pt_target, kd_sim_target, k
 D = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _softmax(xs):

@@ -72,5 +72,9 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> DistCont
 
 
 def shutdown() -> None:
+    """Leave the process group cleanly: without it, gloo's threads can abort the process
+    at interpreter exit ("terminate called without an active exception")."""
     if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()

@@ -128,25 +128,44 @@ def _metrics(out: dict, step: int, lr: float, times: dict, iter_ms: float, p: Tr
 
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run (or resume) one training job; every rank calls this. Returns the run dir."""
     ctx = init_distributed(cfg.dist.device, cfg.dist.timeout_s)
     teacher = check_inputs(cfg, ctx)
     run_dir = _agree_run_dir(cfg, ctx, resume, overwrite)
     p = assemble(cfg, ctx, teacher)
-    start_step = 0
-    if resume:
-        state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir), p.engine, p.head,
-                                     p.head_opt, p.data.num_classes)
-        start_step = state["step"]
-        if p.layer.proposal is not None:
-            p.layer.proposal.load_state_dict(state["proposal"])
-        if ctx.is_rank0:
-            truncate_metrics(run_dir / "metrics.jsonl", start_step)
+    start_step = _resume(p, run_dir) if resume else 0
     sinks = make_sinks(run_dir, cfg.model_dump(mode="json"), cfg.wandb, ctx.is_rank0)
-    timer = RegionTimer(ctx.device, enabled=True, sync=cfg.profiling.sync)
-    stats = RunStats(run_dir, cfg.method.name, p.data.num_classes, cfg.train.steps,
-                     cfg.method.rank_phases, enabled=ctx.is_rank0 and not resume)
-    p.layer.region = timer.region
     t_start = time.perf_counter()
+    last_saved = _run_steps(p, cfg, run_dir, sinks, start_step, resume)
+    top1 = _eval(p, cfg)
+    sinks.log({"kind": "eval", "step": cfg.train.steps, "eval/top1": top1}, step=cfg.train.steps)
+    if last_saved != cfg.train.steps:
+        _save(p, run_dir, cfg.train.steps)
+    _finish(p, cfg, run_dir, top1, time.perf_counter() - t_start)
+    sinks.finish()
+    return run_dir
+
+
+def _resume(p: TrainParts, run_dir: Path) -> int:
+    """Load the latest checkpoint (any world size); returns the step to continue from."""
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir), p.engine, p.head,
+                                 p.head_opt, p.data.num_classes)
+    if p.layer.proposal is not None:
+        p.layer.proposal.load_state_dict(state["proposal"])
+    if p.ctx.is_rank0:
+        truncate_metrics(run_dir / "metrics.jsonl", state["step"])
+    return state["step"]
+
+
+def _run_steps(p: TrainParts, cfg: RunConfig, run_dir: Path, sinks, start_step: int,
+               resumed: bool) -> int:
+    """The step loop with timing, logging, evaluation and checkpoints; returns the last
+    checkpointed step."""
+    ctx, last_saved = p.ctx, start_step
+    timer = RegionTimer(ctx.device, enabled=True, sync=cfg.profiling.sync)
+    p.layer.region = timer.region
+    stats = RunStats(run_dir, cfg.method.name, p.data.num_classes, cfg.train.steps,
+                     cfg.method.rank_phases, enabled=ctx.is_rank0 and not resumed)
     with maybe_profile(cfg.profiling.enabled and ctx.is_rank0, run_dir, cfg.profiling.wait,
                        cfg.profiling.warmup, cfg.profiling.active, device=ctx.device) as prof, \
             make_progress(cfg.train.steps, ctx.is_rank0, start_step=start_step) as bar:
@@ -161,23 +180,20 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
             stats.update(out, step, p.layer.proposal)
             prof.step()
             times, iter_ms = timer.collect(), (time.perf_counter() - t0) * 1e3
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 m = _metrics(out, step, p.lr, times, iter_ms, p)
-                sinks.log(m, step=step + 1)
+                sinks.log(m, step=done)
                 bar.update(step, loss=m["loss"], softmax_ms=m["softmax_ms"])
-            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
-                sinks.log({"kind": "eval", "step": step + 1, "eval/top1": _eval(p, cfg)}, step=step + 1)
-            if cfg.train.ckpt_every and (step + 1) % cfg.train.ckpt_every == 0:
-                _save(p, run_dir, step + 1)
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0:
+                sinks.log({"kind": "eval", "step": done, "eval/top1": _eval(p, cfg)}, step=done)
+            if cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0:
+                _save(p, run_dir, done)
+                last_saved = done
     for path in getattr(prof, "trace_paths", []):
         sinks.log_artifact(path, name=f"trace-{Path(path).stem}", type="trace")
-    top1 = _eval(p, cfg)
-    sinks.log({"kind": "eval", "step": cfg.train.steps, "eval/top1": top1}, step=cfg.train.steps)
-    _save(p, run_dir, cfg.train.steps)
     stats.finish()
-    _finish(p, cfg, run_dir, top1, time.perf_counter() - t_start)
-    sinks.finish()
-    return run_dir
+    return last_saved
 
 
 def _eval(p: TrainParts, cfg: RunConfig) -> float:

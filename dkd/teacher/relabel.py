@@ -337,10 +337,13 @@ def teacher_fingerprint(teacher) -> str:
 def dataset_fingerprint(data_cfg, split: str = "train") -> dict:
     """The data config fields that determine a split's samples, plus the split's name.
 
-    ``data_cfg`` is a ``DataConfig`` (pydantic). The train split of the synthetic data does
-    not depend on test_size, so changing only the test set keeps the store valid.
+    ``data_cfg`` is a ``DataConfig`` (pydantic). Left out: ``augment`` (a training-time
+    transform: relabel the un-augmented samples, train with or without it) and, for the
+    train split, ``test_size`` (it only sizes the synthetic test split). A ``root`` enters
+    as its path, not its contents: the store's N check is what catches a changed folder.
     """
     fp = data_cfg.model_dump()
+    fp.pop("augment", None)
     if split == "train":
         fp.pop("test_size", None)
     return {"split": split, **fp}
