@@ -44,6 +44,26 @@ def train(config: Optional[Path] = typer.Option(None, "--config", "-c",
         typer.echo(f"run directory: {run_dir}")
 
 
+@app.command()
+def relabel(config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config."),
+            set_: List[str] = typer.Option([], "--set", "-s", help="Override: section.key=value."),
+            overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store of other settings."),
+            batch_size: int = typer.Option(1024, help="Teacher batch size.")):
+    """Run teacher.checkpoint over the training set once; write the soft-label store to teacher.store."""
+    from dkd.config import ConfigError, load_config
+
+    try:
+        from dkd.engine.distributed import shutdown
+        from dkd.teacher.run_relabel import run_relabel
+
+        path = run_relabel(load_config(config, set_), overwrite=overwrite, batch_size=batch_size)
+        shutdown()
+    except ConfigError as err:
+        _fail(str(err))
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(f"soft-label store: {path}")
+
+
 @app.command("eval")
 def eval_(run: Path = typer.Option(..., "--run", help="Run directory (uses its model.pt)."),
           set_: List[str] = typer.Option([], "--set", "-s", help="Override, e.g. data.test_size=500.")):

@@ -121,8 +121,20 @@ class ModelConfig(_Section):
 
 class TeacherConfig(_Section):
     checkpoint: Optional[str] = None
-    """A teacher run directory (its last checkpoint is used) or a checkpoint file.
-    Required by every method except `hard` and `ls`."""
+    """A teacher run directory (its exported model.pt is used) or a model.pt file: the
+    live teacher. Every method except `hard` and `ls` needs it or `store`."""
+    store: Optional[str] = None
+    """Soft-label store directory: written by `dkd relabel`, read by training instead of
+    running the teacher (then `checkpoint` is only needed by kd_sim, for the head weight)."""
+    allow_topk_completion: bool = False
+    """Let full-softmax methods (kd, kd_pt, kd_topk, pdbs, ...) train from a top-K store,
+    using the KD-topk completion (the remaining mass spread evenly) for the other classes."""
+    store_topk: int = Field(100, ge=1)
+    """`dkd relabel`: K, the teacher classes kept per sample in a top-K store."""
+    store_full_threshold: int = Field(10000, ge=0)
+    """`dkd relabel`: store the full logits when C <= this, else the top-K layout."""
+    store_dtype: Literal["float16", "float32"] = "float16"
+    """`dkd relabel`: dtype of the stored logits."""
 
 
 METHODS = ("hard", "kd", "ls", "kd_pt", "kd_sim", "kd_pt_sim", "kd_topk",
@@ -275,7 +287,7 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _check(self):
         k = self.method.k
-        if k is not None and k >= self.data.num_classes:
+        if k is not None and self.data.kind == "synthetic" and k >= self.data.num_classes:
             raise ValueError(f"method.k = {k} must be < data.num_classes = {self.data.num_classes}")
         return self
 

@@ -1,4 +1,4 @@
-"""`dkd eval`: score a finished run's exported model (model.pt) on its held-out split."""
+"""`dkd eval`: score a finished run's exported model (model.pt) on its held-out split(s)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,14 +7,15 @@ import torch
 
 from dkd.config import RunConfig
 from dkd.data import build_data
-from dkd.engine.evaluate import evaluate_top1
+from dkd.engine.evaluate import evaluate
 from dkd.teacher.live import LiveTeacher
 
 
 def evaluate_run(run_dir: Path, cfg: RunConfig) -> dict:
     data = build_data(cfg.data)
-    model = LiveTeacher(run_dir, data.num_classes, data.input_dim, torch.device("cpu"))
-    top1 = evaluate_top1(model.backbone, model.head_weight, 0, data.test, torch.device("cpu"),
-                         cfg.train.eval_batch_size)
+    model = LiveTeacher(run_dir, data.num_classes, data.input_dim, torch.device("cpu"),
+                        **data.backbone_kwargs())
+    metrics = evaluate(model.backbone, model.head_weight, 0, data, torch.device("cpu"),
+                       cfg.train.eval_batch_size)
     return {"run": str(run_dir), "method": cfg.method.name, "classes": data.num_classes,
-            "test_size": len(data.test), "top1": top1}
+            **metrics}

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from dkd.config import TEACHER_FREE_METHODS, ConfigError, RunConfig
+from dkd.config import ConfigError, RunConfig
 from dkd.data import DataBundle, build_data
 from dkd.engine.distributed import DistContext
 from dkd.engine.schedule import build_optimizer
@@ -16,14 +16,14 @@ from dkd.engine.softmax_layer import SoftmaxLayer
 from dkd.head.head import ShardedHead
 from dkd.head.sparse_optim import SparseRowOptimizer
 from dkd.models import build_backbone
-from dkd.teacher.live import LiveTeacher
+from dkd.teacher.source import build_teacher
 
 
 @dataclass
 class TrainParts:
     ctx: DistContext
     data: DataBundle
-    teacher: LiveTeacher | None
+    teacher: Any  # LiveTeacher, StoreTeacher or None
     teacher_weight: torch.Tensor | None
     engine: Any
     head: ShardedHead
@@ -61,29 +61,30 @@ def head_optimizer(head: ShardedHead, cfg: RunConfig) -> SparseRowOptimizer:
     return head.make_optimizer(kind, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
-def check_inputs(cfg: RunConfig, ctx: DistContext) -> LiveTeacher | None:
-    """Everything that can be refused before the run directory is touched."""
-    if ctx.world > cfg.data.num_classes:
-        raise ConfigError(f"world size {ctx.world} exceeds data.num_classes = "
-                          f"{cfg.data.num_classes}: every rank must own at least one class")
-    if cfg.method.name not in TEACHER_FREE_METHODS and cfg.teacher.checkpoint is None:
-        raise ConfigError(f"method {cfg.method.name!r} needs a teacher: set teacher.checkpoint "
-                          "to a teacher run directory")
+def check_inputs(cfg: RunConfig, ctx: DistContext) -> tuple[DataBundle, Any]:
+    """Everything that can be refused before the run directory is touched; returns the
+    data and the teacher (live, store, or None)."""
     if cfg.dist.precision == "bf16" and ctx.device.type != "cuda":
         raise ConfigError("dist.precision = bf16 needs a CUDA device; on CPU use fp32 "
                           "(or auto, which picks bf16 only where the device supports it)")
-    if cfg.teacher.checkpoint is None:
-        return None
-    return LiveTeacher(cfg.teacher.checkpoint, cfg.data.num_classes, cfg.data.input_dim,
-                       ctx.device)
+    try:
+        data = build_data(cfg.data)
+    except ValueError as err:  # wrong layout, empty text, undecodable images, ...
+        raise ConfigError(f"data: {err}") from None
+    if ctx.world > data.num_classes:
+        raise ConfigError(f"world size {ctx.world} exceeds the {data.num_classes} classes "
+                          f"(data.num_classes): every rank must own at least one class")
+    k = cfg.method.k
+    if k is not None and k >= data.num_classes:
+        raise ConfigError(f"method.k = {k} must be < the dataset's {data.num_classes} classes")
+    return data, build_teacher(cfg, data, ctx.device)
 
 
-def assemble(cfg: RunConfig, ctx: DistContext, teacher: LiveTeacher | None) -> TrainParts:
+def assemble(cfg: RunConfig, ctx: DistContext, data: DataBundle, teacher) -> TrainParts:
     import deepspeed
 
-    data = build_data(cfg.data)
     torch.manual_seed(cfg.seed)  # same backbone init on every rank and every world size
-    backbone = build_backbone(cfg.model, data.input_dim).to(ctx.device)
+    backbone = build_backbone(cfg.model, data.input_dim, **data.backbone_kwargs()).to(ctx.device)
     optimizer = build_optimizer(backbone.parameters(), cfg.optim)
     engine, _, _, _ = deepspeed.initialize(model=backbone, optimizer=optimizer,
                                            config=deepspeed_config(cfg, ctx))
@@ -91,6 +92,6 @@ def assemble(cfg: RunConfig, ctx: DistContext, teacher: LiveTeacher | None) -> T
                        init_std=(3 * cfg.model.feature_dim) ** -0.5, seed=cfg.seed, device=ctx.device)
     layer = SoftmaxLayer(cfg.method, data.num_classes, head.start, head.end, ctx.group,
                          cfg.train.steps)
-    return TrainParts(ctx, data, teacher, teacher.head_weight if teacher else None,
+    return TrainParts(ctx, data, teacher, getattr(teacher, "head_weight", None),
                       engine, head, head_optimizer(head, cfg), layer,
                       torch.bfloat16 if use_bf16(cfg, ctx) else torch.float32)

@@ -1,9 +1,21 @@
-"""Held-out top-1 with a class-sharded head: each rank scores its own classes, and the
-global argmax is picked from the all-gathered per-rank maxima."""
+"""Held-out evaluation with a class-sharded head.
+
+- classification: top-1; each rank scores its own classes and the global argmax is picked
+  from the all-gathered per-rank maxima;
+- re-ID (Market-1501): query-vs-gallery retrieval on backbone features (the head is not
+  used), mean average precision and CMC rank-1, standard protocol;
+- text: next-word top-1 and perplexity (cross-entropy summed over the class shards).
+Every rank runs the (replicated) backbone on every sample; results are identical on all
+ranks.
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
+
+from dkd.metrics import reid_retrieval, sharded_cross_entropy_sum
 
 
 def sharded_argmax(logits_local: torch.Tensor, start: int, group) -> torch.Tensor:
@@ -25,21 +37,55 @@ def sharded_argmax(logits_local: torch.Tensor, start: int, group) -> torch.Tenso
     return torch.stack(idxs, 1).gather(1, best).squeeze(1)
 
 
-@torch.no_grad()
-def evaluate_top1(backbone: torch.nn.Module, weight: torch.Tensor, start: int, split,
-                  device: torch.device, batch_size: int, group=None) -> float:
-    """Top-1 accuracy (percent) of backbone + head shard on a whole split (every rank
-    scores every sample: the backbone is replicated, the head is not)."""
-    was_training = backbone.training
-    dtype = next(backbone.parameters()).dtype  # bf16 engines hold bf16 weights
-    backbone.eval()
-    correct, total = 0, 0
+def _batches(split, batch_size: int):
     for lo in range(0, len(split), batch_size):
         idx = torch.arange(lo, min(lo + batch_size, len(split)))
-        x, y = split.get(idx)
-        feats = backbone(x.to(device, dtype=dtype)).float()
-        pred = sharded_argmax(feats @ weight.T, start, group)
-        correct += int((pred.cpu() == y).sum())
+        yield split.get(idx)
+
+
+def _features(backbone, x: torch.Tensor, device, cast: bool) -> torch.Tensor:
+    dtype = next(backbone.parameters()).dtype  # bf16 engines hold bf16 weights
+    x = x.to(device, dtype=dtype) if cast else x.to(device)
+    return backbone(x).float()
+
+
+@torch.no_grad()
+def _classify(backbone, weight, start, split, device, batch_size, group, cast, text):
+    correct, total, ce = 0, 0, 0.0
+    for x, y in _batches(split, batch_size):
+        logits = _features(backbone, x, device, cast) @ weight.T.float()
+        y = y.to(device)
+        correct += int((sharded_argmax(logits, start, group) == y).sum())
         total += len(y)
-    backbone.train(was_training)
-    return 100.0 * correct / max(1, total)
+        if text:
+            ce += float(sharded_cross_entropy_sum(logits, y, start, group))
+    out = {"top1": 100.0 * correct / max(1, total)}
+    if text:
+        out["perplexity"] = math.exp(min(ce / max(1, total), 700.0))
+    return out
+
+
+@torch.no_grad()
+def _reid(backbone, data, device, batch_size, cast):
+    feats = {name: torch.cat([_features(backbone, x, device, cast).cpu()
+                              for x, _ in _batches(getattr(data, name), batch_size)])
+             for name in ("query", "gallery")}
+    res = reid_retrieval(feats["query"], feats["gallery"], data.query.ids, data.query.cams,
+                         data.gallery.ids, data.gallery.cams)
+    return {"map": res["map"], "rank1": res["rank1"], "top1": res["rank1"]}
+
+
+def evaluate(backbone: torch.nn.Module, weight: torch.Tensor, start: int, data,
+             device: torch.device, batch_size: int, group=None) -> dict:
+    """Metrics of backbone + head shard on the held-out split(s), in percent (and
+    perplexity for text). Keys: top1 always; map, rank1 for re-ID; perplexity for text."""
+    was_training = backbone.training
+    backbone.eval()
+    cast = data.task != "text"  # token ids must stay exact (bf16 rounds ids above 256)
+    try:
+        if data.task == "reid":
+            return _reid(backbone, data, device, batch_size, cast)
+        return _classify(backbone, weight, start, data.test, device, batch_size, group, cast,
+                         data.task == "text")
+    finally:
+        backbone.train(was_training)

@@ -21,7 +21,7 @@ from dkd.dist.functional import gather_rows, gather_rows_nograd
 from dkd.engine import checkpoint as ckpt
 from dkd.engine.assemble import TrainParts, assemble, check_inputs
 from dkd.engine.distributed import DistContext, init_distributed
-from dkd.engine.evaluate import evaluate_top1
+from dkd.engine.evaluate import evaluate
 from dkd.engine.rundir import atomic_write_json, atomic_write_text, default_name, prepare_run_dir
 from dkd.engine.schedule import lr_at, set_lr
 from dkd.engine.stats import RunStats
@@ -74,12 +74,13 @@ def micro_step(p: TrainParts, cfg: RunConfig, micro: int, timer: RegionTimer) ->
     """Forward and backward of one micro-batch (global micro-batch index ``micro``)."""
     ctx, group, gas = p.ctx, p.ctx.group, cfg.dist.grad_accum
     ids = global_batch_indices(micro, len(p.data.train), cfg.train.batch_size, cfg.seed)
-    x, y = p.data.train.get(ids[local_slice(len(ids), ctx.world, ctx.rank)])
+    local_ids = ids[local_slice(len(ids), ctx.world, ctx.rank)]
+    x, y = p.data.train.get(local_ids)
     x, y = x.to(ctx.device), y.to(ctx.device)
     with timer.region("teacher"):
-        t_local = p.teacher.logits(x) if p.teacher is not None else None
+        t_local = p.teacher.logits(x, local_ids) if p.teacher is not None else None
     with timer.region("backbone_fwd"):
-        f_local = p.engine(x.to(p.dtype))
+        f_local = p.engine(x if p.data.task == "text" else x.to(p.dtype))
     with timer.region("comm"):
         feats = gather_rows(f_local, group, scale=float(ctx.world))    # (B, d)
         y_g = gather_rows_nograd(y, group)
@@ -130,18 +131,18 @@ def _metrics(out: dict, step: int, lr: float, times: dict, iter_ms: float, p: Tr
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Run (or resume) one training job; every rank calls this. Returns the run dir."""
     ctx = init_distributed(cfg.dist.device, cfg.dist.timeout_s)
-    teacher = check_inputs(cfg, ctx)
+    data, teacher = check_inputs(cfg, ctx)
     run_dir = _agree_run_dir(cfg, ctx, resume, overwrite)
-    p = assemble(cfg, ctx, teacher)
+    p = assemble(cfg, ctx, data, teacher)
     start_step = _resume(p, run_dir) if resume else 0
     sinks = make_sinks(run_dir, cfg.model_dump(mode="json"), cfg.wandb, ctx.is_rank0)
     t_start = time.perf_counter()
     last_saved = _run_steps(p, cfg, run_dir, sinks, start_step, resume)
-    top1 = _eval(p, cfg)
-    sinks.log({"kind": "eval", "step": cfg.train.steps, "eval/top1": top1}, step=cfg.train.steps)
+    metrics = _eval(p, cfg)
+    sinks.log(_eval_line(metrics, cfg.train.steps), step=cfg.train.steps)
     if last_saved != cfg.train.steps:
         _save(p, run_dir, cfg.train.steps)
-    _finish(p, cfg, run_dir, top1, time.perf_counter() - t_start)
+    _finish(p, cfg, run_dir, metrics, time.perf_counter() - t_start)
     sinks.finish()
     return run_dir
 
@@ -186,7 +187,7 @@ def _run_steps(p: TrainParts, cfg: RunConfig, run_dir: Path, sinks, start_step: 
                 sinks.log(m, step=done)
                 bar.update(step, loss=m["loss"], softmax_ms=m["softmax_ms"])
             if cfg.train.eval_every and done % cfg.train.eval_every == 0:
-                sinks.log({"kind": "eval", "step": done, "eval/top1": _eval(p, cfg)}, step=done)
+                sinks.log(_eval_line(_eval(p, cfg), done), step=done)
             if cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0:
                 _save(p, run_dir, done)
                 last_saved = done
@@ -196,9 +197,13 @@ def _run_steps(p: TrainParts, cfg: RunConfig, run_dir: Path, sinks, start_step: 
     return last_saved
 
 
-def _eval(p: TrainParts, cfg: RunConfig) -> float:
-    return evaluate_top1(p.engine.module, p.head.weight, p.head.start, p.data.test,
-                         p.ctx.device, cfg.train.eval_batch_size, p.ctx.group)
+def _eval(p: TrainParts, cfg: RunConfig) -> dict:
+    return evaluate(p.engine.module, p.head.weight, p.head.start, p.data, p.ctx.device,
+                    cfg.train.eval_batch_size, p.ctx.group)
+
+
+def _eval_line(metrics: dict, step: int) -> dict:
+    return {"kind": "eval", "step": step, **{f"eval/{k}": v for k, v in metrics.items()}}
 
 
 def _save(p: TrainParts, run_dir: Path, step: int) -> None:
@@ -207,16 +212,16 @@ def _save(p: TrainParts, run_dir: Path, step: int) -> None:
     ckpt.save_checkpoint(run_dir, step, p.engine, p.head, p.head_opt, state, p.ctx)
 
 
-def _finish(p: TrainParts, cfg: RunConfig, run_dir: Path, top1: float, wall_s: float) -> None:
+def _finish(p: TrainParts, cfg: RunConfig, run_dir: Path, metrics: dict, wall_s: float) -> None:
     """Export model.pt (full head gathered from the shards) and write summary.json."""
     full_head = gather_rows_nograd(p.head.weight, p.ctx.group)
     if not p.ctx.is_rank0:
         return
-    export_model(run_dir / "model.pt", cfg.model, p.data.num_classes, p.data.input_dim,
-                 p.engine.module, full_head)
+    export_model(run_dir / "model.pt", cfg.model, p.data, p.engine.module, full_head)
     summary = {"name": run_dir.name, "method": cfg.method.name, "classes": p.data.num_classes,
                "k": cfg.method.k, "mode": cfg.method.mode if cfg.method.name in SAMPLED_METHODS else None,
-               "steps": cfg.train.steps, "top1": top1, "wall_s": round(wall_s, 3),
-               "world_size": p.ctx.world, "teacher": cfg.teacher.checkpoint}
+               "steps": cfg.train.steps, **metrics, "wall_s": round(wall_s, 3),
+               "world_size": p.ctx.world, "teacher": cfg.teacher.checkpoint,
+               "teacher_store": cfg.teacher.store}
     atomic_write_json(run_dir / "summary.json", summary)
     print(json.dumps(summary), flush=True)

@@ -29,7 +29,7 @@ def _image(make: Callable[[], nn.Module]) -> Builder:
     def build(cfg, in_dim, shape, vocab):
         flat = image_shape(in_dim, shape, cfg.arch)
         body = make()
-        return Backbone(body, body.feature_dim, cfg.feature_dim, cfg.norm, flat)
+        return Backbone(body, body.feature_dim, cfg.feature_dim, cfg.norm, flat, image=True)
     return build
 
 

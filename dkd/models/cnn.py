@@ -11,7 +11,8 @@ import torch.nn as nn
 
 class LeNet(nn.Module):
     """LeNet-5 (LeCun et al. 1998) with ReLU and max-pooling: conv5(6) - pool - conv5(16) -
-    pool - [adaptive avg-pool to 5x5] - fc 120 - fc 84. (B, 3, H, W) -> (B, 84)."""
+    pool - [adaptive avg-pool to 5x5] - fc 120 - fc 84. (B, 3, H, W) -> (B, 84); H, W >= 16
+    (two unpadded 5x5 convs)."""
 
     def __init__(self, in_channels: int = 3):
         super().__init__()

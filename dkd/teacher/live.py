@@ -25,7 +25,8 @@ def resolve_model_file(path: str | Path) -> Path:
 
 
 class LiveTeacher:
-    def __init__(self, path: str | Path, num_classes: int, input_dim: int, device: torch.device):
+    def __init__(self, path: str | Path, num_classes: int, input_dim: int, device: torch.device,
+                 input_shape=None, vocab_size=None):
         path = resolve_model_file(path)
         blob = torch.load(path, map_location="cpu", weights_only=False)
         if blob["num_classes"] != num_classes:
@@ -35,23 +36,27 @@ class LiveTeacher:
             raise ConfigError(f"teacher.checkpoint {path}: teacher input size {blob['input_dim']} "
                               f"differs from the dataset's {input_dim}")
         self.model_cfg = ModelConfig.model_validate(blob["model"])
-        self.backbone = build_backbone(self.model_cfg, input_dim)
+        self.backbone = build_backbone(self.model_cfg, input_dim,
+                                       blob.get("input_shape", input_shape),
+                                       blob.get("vocab_size", vocab_size))
         self.backbone.load_state_dict(blob["backbone"])
         self.backbone.to(device).eval()
-        self.head_weight = blob["head"].to(device)  # (C, d_teacher)
+        self.head_weight = blob["head"].float().to(device)  # (C, d_teacher)
         self.path = path
 
     @torch.no_grad()
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, input_dim) -> teacher logits (B, C)."""
+    def logits(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, input_dim) -> teacher logits (B, C); ``ids`` (sample ids) are not needed."""
         return self.backbone(x) @ self.head_weight.T
 
 
-def export_model(path: Path, model_cfg: ModelConfig, num_classes: int, input_dim: int,
-                 backbone: torch.nn.Module, head_weight: torch.Tensor) -> None:
+def export_model(path: Path, model_cfg: ModelConfig, data, backbone: torch.nn.Module,
+                 head_weight: torch.Tensor) -> None:
+    """Write model.pt: what a later run needs to rebuild this model as its teacher."""
     from dkd.engine.rundir import atomic_torch_save
 
-    atomic_torch_save({"model": model_cfg.model_dump(), "num_classes": num_classes,
-                       "input_dim": input_dim,
+    atomic_torch_save({"model": model_cfg.model_dump(), "num_classes": data.num_classes,
+                       "input_dim": data.input_dim, "input_shape": tuple(data.input_shape),
+                       "vocab_size": data.vocab_size,
                        "backbone": {k: v.cpu() for k, v in backbone.state_dict().items()},
                        "head": head_weight.cpu()}, path)

@@ -1,0 +1,417 @@
+"""`dkd bench softmax`: time the softmax head step of full KD and of each sampled method.
+
+    records = run_softmax_bench(classes=[751, 10_000, 100_000], ks=[20, 120, 1000], ...)
+    md_path = write_bench(records, "bench.json")          # bench.json + bench.md
+
+The head step is everything the class count makes expensive (dkd/bench_cases.py):
+sampling (draws, corrections, teacher look-ups; sampled methods only), the logits,
+the loss, the backward, and the head's optimizer update. Every (class count, k, method,
+mode, world size) is one record; the full-KD step of the same class count and world size
+is its baseline, measured in the same run: ``speedup_vs_full = full_median_ms /
+median_ms``, ``bound = C / |S|`` with |S| the mean number of logit columns per sample row
+(batch_shared: the shared set over all ranks; per_sample: 1 + top_t + m), and
+``frac_of_bound = speedup_vs_full / bound``.
+
+Timing: ``warmup`` untimed steps, then ``repeats`` timed steps, each a wall-clock
+interval (CPU ops are synchronous); median, p10 and p90. World size P > 1: P gloo
+processes on localhost, each with its head shard and ``threads`` intra-op threads
+(default cpu_count // P); a barrier before every step; rank 0's times are reported.
+
+Peak memory (``peak_mem_mb``): one extra step per case after the timed ones. The
+process first returns freed heap memory to the OS (``malloc_trim``), then resets the
+kernel's resident high-water mark (writing 5 to /proc/self/clear_refs), runs the step,
+and reports VmHWM − VmRSS(before): the resident memory the step added at its peak, on
+rank 0, beyond everything already resident (weights, moments, scratch kept across steps;
+those are ``state_mb``). Where clear_refs cannot be written, the growth of
+getrusage's max RSS is used instead (``peak_mem_method``), which reads 0 when the step
+stays below an earlier peak.
+
+Full KD is skipped for a class count when ``full_step_bytes(C, B, d)`` (weight, dense
+gradient, two moments, Adam's buffer and ~8 B×C tensors, over all ranks) exceeds
+``skip_full_above_bytes`` (None: half of MemAvailable); its sampled records then carry
+``full_skipped`` (the reason) and null speedups.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+from dkd.bench_cases import HeadBench, bound_of, full_step_bytes, make_proposal
+
+DEFAULT_CLASSES = [751, 10_000, 100_000]
+DEFAULT_KS = [20, 120, 1000]
+SAMPLED = ("uniform", "ftis", "dis")
+MODES = ("batch_shared", "per_sample")
+
+
+# ---------------------------------------------------------------- memory probes
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kb("VmHWM") is not None
+    except OSError:
+        return False
+
+
+def peak_step_memory(step) -> tuple[float, str]:
+    """(MiB the step added to resident memory at its peak, method); see module doc."""
+    gc.collect()
+    _malloc_trim()
+    if _reset_hwm():
+        before = _status_kb("VmRSS")
+        step()
+        return max(_status_kb("VmHWM") - before, 0) / 1024.0, "vmhwm"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max(after - before, 0) / 1024.0, "ru_maxrss"
+
+
+def memory_budget() -> int:
+    """Half of MemAvailable, bytes (8 GiB if /proc/meminfo is unreadable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return 8 * 2 ** 30
+
+
+# ---------------------------------------------------------------- timing
+def _pct(xs: list[float], q: float) -> float:
+    """q-quantile with linear interpolation (numpy's default)."""
+    s = sorted(xs)
+    pos = (len(s) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def _time(step, warmup: int, repeats: int, group) -> dict:
+    """Run warm-up, timed repeats and one memory step; returns raw per-step data."""
+    barrier = (lambda: dist.barrier(group)) if group is not None else (lambda: None)
+    for _ in range(warmup):
+        barrier()
+        step()
+    times, infos = [], []
+    for _ in range(repeats):
+        barrier()
+        t0 = time.perf_counter()
+        info = step()
+        times.append(time.perf_counter() - t0)
+        infos.append(info)
+    barrier()
+    peak, how = peak_step_memory(step)
+    return {"times": times, "infos": infos, "peak_mb": peak, "peak_how": how}
+
+
+def _summary(raw: dict) -> dict:
+    ms = [t * 1e3 for t in raw["times"]]
+    out = {"median_ms": _pct(ms, 0.5), "p10_ms": _pct(ms, 0.1), "p90_ms": _pct(ms, 0.9),
+           "samples_ms": [round(x, 4) for x in ms], "peak_mem_mb": raw["peak_mb"],
+           "peak_mem_method": raw["peak_how"],
+           "rows_touched": sum(i["rows"] for i in raw["infos"]) / len(raw["infos"]),
+           "kernel_path": raw["infos"][-1]["path"]}
+    samp = [i.get("sampling_s", 0.0) * 1e3 for i in raw["infos"]]
+    out.update(sampling_ms=_pct(samp, 0.5), sampling_p10_ms=_pct(samp, 0.1),
+               sampling_p90_ms=_pct(samp, 0.9))
+    out["sampling_frac"] = out["sampling_ms"] / out["median_ms"]
+    return out
+
+
+# ---------------------------------------------------------------- one world
+def _cols_per_row(raw: dict, mode: str, world: int, group) -> float:
+    cols = sum(i["cols"] for i in raw["infos"]) / len(raw["infos"])
+    if mode == "batch_shared" and world > 1:   # stratified: each rank holds its own share
+        t = torch.tensor([cols], dtype=torch.float64)
+        dist.all_reduce(t, group=group)
+        cols = float(t)
+    return cols
+
+
+def _run_world(cfg: dict, group, world: int, rank: int) -> list[dict]:
+    """All cases of one world size on this rank; records on rank 0 (others: [])."""
+    records = []
+    B, d = cfg["batch"], cfg["dim"]
+    base = {"world_size": world, "batch": B, "dim": d, "teacher_topk": cfg["teacher_topk"],
+            "threads": torch.get_num_threads(), "warmup": cfg["warmup"],
+            "repeats": cfg["repeats"], "torch": torch.__version__}
+    case = 0
+    for C in cfg["classes"]:
+        hb = HeadBench(C, B, d, cfg["teacher_topk"], cfg["seed"], group, world, rank)
+        need = full_step_bytes(C, B, d)
+        skipped, full_ms = None, None
+        if need > cfg["budget"]:
+            skipped = (f"full KD needs ~{need / 2 ** 30:.1f} GiB (C*d*4*5 + B*C*4*8) > "
+                       f"budget {cfg['budget'] / 2 ** 30:.1f} GiB")
+        else:
+            fulls = [("full", hb.full_step)]
+            if "full_torch" in cfg["methods"]:
+                fulls.append(("full_torch", hb.full_torch_step))
+            for name, fn in fulls:
+                s = _summary(_time(fn, cfg["warmup"], cfg["repeats"], group))
+                full_ms = s["median_ms"] if name == "full" else full_ms
+                records.append({**base, "classes": C, "k": None, "method": name,
+                                "mode": "dense", **s, "cols_per_row": float(C),
+                                "full_median_ms": full_ms,
+                                "speedup_vs_full": full_ms / s["median_ms"], "bound": 1.0,
+                                "frac_of_bound": full_ms / s["median_ms"],
+                                "state_mb": hb.state_bytes() / 2 ** 20, "full_skipped": None})
+            hb.release_full()
+        for k in [k for k in cfg["ks"] if k < C]:
+            for method in [m for m in cfg["methods"] if m in SAMPLED]:
+                for mode in cfg["modes"]:
+                    case += 1
+                    prop = make_proposal(method)
+                    gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + case)
+                    raw = _time(lambda: hb.sampled_step(prop, mode, k, gen), cfg["warmup"],
+                                cfg["repeats"], group)
+                    cols = _cols_per_row(raw, mode, world, group)
+                    s = _summary(raw)
+                    bound = bound_of(C, cols)
+                    speed = None if full_ms is None else full_ms / s["median_ms"]
+                    records.append({**base, "classes": C, "k": k, "method": method,
+                                    "mode": mode, **s, "cols_per_row": cols,
+                                    "full_median_ms": full_ms, "speedup_vs_full": speed,
+                                    "bound": bound,
+                                    "frac_of_bound": None if speed is None else speed / bound,
+                                    "state_mb": hb.state_bytes() / 2 ** 20,
+                                    "full_skipped": skipped})
+        del hb
+        gc.collect()
+    return records if rank == 0 else []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_main() -> None:
+    """Entry point of one spawned rank: argv = rank, world, config json, records json."""
+    rank, world, cfg_path, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    torch.set_num_threads(cfg["threads"])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        records = _run_world(cfg, dist.group.WORLD, world, rank)
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(records, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world: int, cfg: dict) -> list[dict]:
+    """Run the cases on ``world`` fresh gloo processes (plain subprocesses: nothing depends
+    on the caller's __main__); a rank that fails takes the others down with it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               OMP_NUM_THREADS=str(cfg["threads"]),
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_path, out = os.path.join(tmp, "cfg.json"), os.path.join(tmp, "records.json")
+        with open(cfg_path, "w") as f:
+            json.dump(cfg, f)
+        code = "from dkd.bench import _worker_main; _worker_main()"
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(r), str(world), cfg_path, out],
+                                  env=env) for r in range(world)]
+        try:
+            while any(p.poll() is None for p in procs):
+                if any(p.poll() not in (None, 0) for p in procs):
+                    break
+                time.sleep(0.05)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+        codes = [p.returncode for p in procs]
+        if any(codes):
+            raise RuntimeError(f"bench ranks of world size {world} exited with codes {codes}")
+        with open(out) as f:
+            return json.load(f)
+
+
+# ---------------------------------------------------------------- reporting
+def _find(records, C, k, method, mode, world=1):
+    return next((r for r in records if (r["classes"], r["k"], r["method"], r["mode"],
+                                        r["world_size"]) == (C, k, method, mode, world)), None)
+
+
+def bench_targets(records: list[dict]) -> list[dict]:
+    """Issue 5's targets (world size 1) from the records: {target, measured, met}; met is
+    None when the run lacks the cases."""
+    out = []
+
+    def add(name, value, ok, text):
+        out.append({"target": name, "measured": value, "met": ok, "detail": text})
+
+    for C, k, mode, need in ((100_000, 1000, "batch_shared", 50.0), (751, 20, "per_sample", 4.0),
+                             (751, 20, "batch_shared", 4.0), (100_000, 120, "per_sample", 10.0)):
+        r = _find(records, C, k, "dis", mode)
+        v = None if r is None else r["speedup_vs_full"]
+        add(f"dis {mode} C={C} k={k}: speedup >= {need:g}x", v,
+            None if v is None else v >= need,
+            "" if r is None else f"bound {r['bound']:.1f}x, {r['median_ms']:.2f} ms vs "
+                                 f"full {r['full_median_ms']:.1f} ms")
+    big, ref = _find(records, 10 ** 6, 1000, "dis", "batch_shared"), \
+        _find(records, 10_000, 1000, "dis", "batch_shared")
+    v = None if big is None or ref is None else big["median_ms"] / ref["median_ms"]
+    add("dis batch_shared k=1000: step(C=1e6) <= 2 x step(C=1e4)", v,
+        None if v is None else v <= 2.0,
+        "" if v is None else f"{big['median_ms']:.2f} ms vs {ref['median_ms']:.2f} ms")
+    v = None if big is None else big["peak_mem_mb"]
+    add("dis batch_shared C=1e6 k=1000: peak step memory < 1024 MiB", v,
+        None if v is None else v < 1024.0, "" if big is None else
+        f"beyond {big['state_mb']:.0f} MiB of weights, moments and scratch")
+    samp = [r for r in records if r["classes"] == 100_000 and r["k"] is not None
+            and r["world_size"] == 1]
+    worst = max(samp, key=lambda r: r["sampling_frac"], default=None)
+    v = None if worst is None else worst["sampling_frac"]
+    add("C=1e5: sampling < 25% of the sampled step (worst case)", v,
+        None if v is None else v < 0.25, "" if worst is None else
+        f"worst: {worst['method']} {worst['mode']} k={worst['k']}")
+    return out
+
+
+def _f(x, fmt):
+    return "—" if x is None else format(x, fmt)
+
+
+def bench_markdown(records: list[dict]) -> str:
+    """The records as a markdown table (sorted by P, C, k, method, mode) plus the targets."""
+    head = ("| P | C | k | method | mode | cols/row | rows | path | median ms [p10, p90] | "
+            "sampling ms (share) | full ms | speedup | bound | of bound | peak MiB |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    key = lambda r: (r["world_size"], r["classes"], -1 if r["k"] is None else r["k"],
+                     r["method"], r["mode"])
+    rows = []
+    for r in sorted(records, key=key):
+        full = _f(r["full_median_ms"], ".1f") if not r.get("full_skipped") else "skipped"
+        rows.append(
+            f"| {r['world_size']} | {r['classes']} | {_f(r['k'], 'd')} | {r['method']} | "
+            f"{r['mode']} | {r['cols_per_row']:.0f} | {r['rows_touched']:.0f} | "
+            f"{r['kernel_path']} | {r['median_ms']:.2f} [{r['p10_ms']:.2f}, {r['p90_ms']:.2f}]"
+            f" | {r['sampling_ms']:.2f} ({100 * r['sampling_frac']:.0f}%) | {full} | "
+            f"{_f(r['speedup_vs_full'], '.1f')} | {r['bound']:.1f} | "
+            f"{_f(r['frac_of_bound'], '.2f')} | {r['peak_mem_mb']:.1f} |")
+    lines = [head + "\n".join(rows), "", "| target | measured | met | detail |",
+             "|---|---|---|---|"]
+    for t in bench_targets(records):
+        met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
+        lines.append(f"| {t['target']} | {_f(t['measured'], '.3g')} | {met} | {t['detail']} |")
+    skipped = sorted({(r["classes"], r["full_skipped"]) for r in records if r.get("full_skipped")})
+    lines += [f"\nC={c}: {why}" for c, why in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def write_bench(records: list[dict], out_json: str) -> str:
+    """Write the records to out_json and the markdown next to it (.md), each atomically
+    (temp file + rename). Returns the markdown path."""
+    md_path = os.path.splitext(str(out_json))[0] + ".md"
+    for path, text in ((str(out_json), json.dumps(records, indent=1)),
+                       (md_path, bench_markdown(records))):
+        d = os.path.dirname(os.path.abspath(path))
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".bench.")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    return md_path
+
+
+# ---------------------------------------------------------------- entry point
+def _check(classes, ks, batch, dim, world_sizes, methods, modes, warmup, repeats, teacher_topk):
+    for name, xs, lo in (("classes", classes, 2), ("ks", ks, 1), ("world_sizes", world_sizes, 1)):
+        if not xs or not all(isinstance(x, int) and x >= lo for x in xs):
+            raise ValueError(f"{name} must be a non-empty list of ints >= {lo}, got {xs!r}")
+    for name, v, lo in (("batch", batch, 1), ("dim", dim, 1), ("warmup", warmup, 0),
+                        ("repeats", repeats, 1), ("teacher_topk", teacher_topk, 1)):
+        if not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    if max(world_sizes) > min(classes) or max(world_sizes) > batch:
+        raise ValueError(f"world_sizes must be <= min(classes) and <= batch, got {world_sizes}")
+    bad = [m for m in methods if m not in SAMPLED + ("full_torch",)]
+    if bad or not methods:
+        raise ValueError(f"methods must be among {SAMPLED + ('full_torch',)}, got {methods!r}")
+    if not modes or any(m not in MODES for m in modes):
+        raise ValueError(f"modes must be among {MODES}, got {modes!r}")
+
+
+def run_softmax_bench(classes: list[int] = DEFAULT_CLASSES, ks: list[int] = DEFAULT_KS,
+                      batch: int = 256, dim: int = 512, world_sizes: list[int] = (1, 2),
+                      methods: list[str] = SAMPLED, modes: list[str] = MODES,
+                      warmup: int = 2, repeats: int = 7, teacher_topk: int = 100,
+                      seed: int = 0, skip_full_above_bytes: int | None = None,
+                      threads: int | None = None) -> list[dict]:
+    """Benchmark the head step; one record per case (see the module doc for the fields).
+
+    classes: class counts C; ks: draws m (cases with k >= C are skipped); batch: global
+    batch B; dim: feature size d; world_sizes: 1 runs in this process, P > 1 spawns P gloo
+    processes; methods: sampled methods (uniform, ftis, dis) plus optionally "full_torch"
+    (full KD with torch.optim.Adam; full KD with the project's head always runs); modes:
+    batch_shared / per_sample; warmup / repeats: untimed / timed steps per case;
+    teacher_topk: K of the synthetic top-K teacher (K = C when C <= K); seed: data,
+    weights and sampling; skip_full_above_bytes: memory budget of full KD (None: half of
+    MemAvailable); threads: intra-op threads per process (None: the current setting for
+    P = 1, cpu_count // P for P > 1).
+    """
+    classes, ks, world_sizes = list(classes), list(ks), list(world_sizes)
+    methods, modes = list(methods), list(modes)
+    _check(classes, ks, batch, dim, world_sizes, methods, modes, warmup, repeats, teacher_topk)
+    cfg = {"classes": classes, "ks": ks, "batch": batch, "dim": dim, "methods": methods,
+           "modes": modes, "warmup": warmup, "repeats": repeats, "teacher_topk": teacher_topk,
+           "seed": seed, "budget": memory_budget() if skip_full_above_bytes is None
+           else int(skip_full_above_bytes)}
+    records = []
+    for world in world_sizes:
+        if world == 1:
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads or before)
+            try:
+                records += _run_world(cfg, None, 1, 0)
+            finally:
+                torch.set_num_threads(before)
+        else:
+            cfg["threads"] = threads or max(1, (os.cpu_count() or 1) // world)
+            records += _spawn(world, cfg)
+    return records
+
+
+__all__ = ["run_softmax_bench", "bench_markdown", "bench_targets", "write_bench",
+           "peak_step_memory", "memory_budget", "DEFAULT_CLASSES", "DEFAULT_KS"]

@@ -1,0 +1,54 @@
+"""Where a run's teacher logits come from: a live teacher (a run's model.pt) or a
+precomputed soft-label store, behind one interface: ``logits(x, ids) -> (B, C)``."""
+from __future__ import annotations
+
+import torch
+
+from dkd.config import SAMPLED_METHODS, TEACHER_FREE_METHODS, ConfigError, RunConfig
+from dkd.teacher.live import LiveTeacher
+from dkd.teacher.relabel import dataset_fingerprint
+from dkd.teacher.store import SoftLabelStore, require_full
+
+
+class StoreTeacher:
+    """Teacher logits read from a soft-label store by sample id.
+
+    A top-K store gives the KD-topk teacher: classes outside a sample's top K share the
+    remaining mass evenly. Sampled methods use it as is (their proposals over ranks treat
+    ranks beyond K as exchangeable); full-softmax methods need `allow_topk_completion`.
+    """
+
+    def __init__(self, store: SoftLabelStore, head_weight: torch.Tensor | None):
+        self.store, self.head_weight = store, head_weight
+
+    def logits(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.store.dense_logits(ids, allow_topk_completion=True).to(x.device)
+
+
+def _open_store(cfg: RunConfig, num_samples: int, num_classes: int) -> SoftLabelStore:
+    store = SoftLabelStore(cfg.teacher.store, expect_dataset=dataset_fingerprint(cfg.data),
+                           expect_num_samples=num_samples, expect_num_classes=num_classes,
+                           verify="lazy")
+    if cfg.method.name not in SAMPLED_METHODS:
+        require_full(store, cfg.method.name, cfg.teacher.allow_topk_completion,
+                     how_to_allow="--set teacher.allow_topk_completion=true")
+    return store
+
+
+def build_teacher(cfg: RunConfig, data, device: torch.device):
+    """The run's teacher, or None for teacher-free methods; refuses what cannot work."""
+    t = cfg.teacher
+    if cfg.method.name in TEACHER_FREE_METHODS:
+        return None
+    if t.checkpoint is None and t.store is None:
+        raise ConfigError(f"method {cfg.method.name!r} needs a teacher: set teacher.checkpoint "
+                          "to a teacher run directory (or teacher.store to a soft-label store)")
+    live = LiveTeacher(t.checkpoint, data.num_classes, data.input_dim, device,
+                       **data.backbone_kwargs()) if t.checkpoint is not None else None
+    if t.store is None:
+        return live
+    if cfg.method.name in ("kd_sim", "kd_pt_sim") and live is None:
+        raise ConfigError(f"method {cfg.method.name!r} needs the teacher's head weights: set "
+                          "teacher.checkpoint as well as teacher.store")
+    return StoreTeacher(_open_store(cfg, len(data.train), data.num_classes),
+                        live.head_weight if live else None)
