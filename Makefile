@@ -8,7 +8,7 @@ export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean docs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+docs: $(STAMP)
+	$(BIN)/python -m dkd.config   # regenerate the README's config table
 
 clean:
 	rm -rf runs .pytest_cache

@@ -361,3 +361,16 @@ def reference_markdown() -> str:
 
     walk(RunConfig, "")
     return "\n".join(rows) + "\n"
+
+
+def update_readme(path: str = "README.md") -> None:
+    """Replace the README's config table (between its markers) with the current one."""
+    text = Path(path).read_text()
+    head, rest = text.split("<!-- config-reference:start (make docs) -->\n", 1)
+    _, tail = rest.split("<!-- config-reference:end -->", 1)
+    Path(path).write_text(f"{head}<!-- config-reference:start (make docs) -->\n"
+                          f"{reference_markdown()}<!-- config-reference:end -->{tail}")
+
+
+if __name__ == "__main__":
+    update_readme()

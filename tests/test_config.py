@@ -60,4 +60,9 @@ def test_readme_config_reference_is_current():
     from dkd.config import reference_markdown
 
     assert reference_markdown() in (ROOT / "README.md").read_text(), \
-        "README's config table is stale: paste dkd.config.reference_markdown() into it"
+        "README's config table is stale: run `make docs`"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    load_config(path)
