@@ -162,7 +162,8 @@ class HeadBench:
         s, a, local, mask = self._sample(proposal, mode, k, generator)
         sampling_s = time.perf_counter() - t0
         feats = self._features()
-        z = self.head.logits_sampled(feats, local, "auto")             # (B, n) or (B, 1+t+m)
+        # batch-shared columns are unique by construction (D, then draws outside D, merged)
+        z = self.head.logits_sampled(feats, local, "auto", unique=local.dim() == 1)
         cls = s.classes if s.classes.dim() == 2 else s.classes.unsqueeze(0)
         tgt = (cls == self.y.unsqueeze(1)) & s.deterministic
         if mask is not None:
@@ -180,8 +181,11 @@ def make_proposal(method: str, total_steps: int = 10_000):
     if method not in ("uniform", "ftis", "dis"):
         raise ValueError(f"methods must be among uniform, ftis, dis (sampled) or full_torch, "
                          f"got {method!r}")
-    return build_proposal(method, total_steps=total_steps) if method == "dis" else \
-        build_proposal(method)
+    if method == "dis":
+        return build_proposal("dis", total_steps=total_steps)
+    if method == "ftis":   # as SoftmaxLayer: the proposal matches the target softmax(a/T)
+        return build_proposal("ftis", temperature=TEMPERATURE)
+    return build_proposal(method)
 
 
 def bound_of(num_classes: int, cols_per_row: float) -> float:

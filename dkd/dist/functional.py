@@ -94,11 +94,12 @@ class _GatherRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, group, scale):
-        sizes = torch.tensor([x.shape[0]], device=x.device)
-        all_sizes = [torch.zeros_like(sizes) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(all_sizes, sizes, group=group)
-        sizes = [int(s.item()) for s in all_sizes]
+    def forward(ctx, x, group, scale, sizes=None):
+        if sizes is None:  # one extra collective when the caller does not know them
+            mine = torch.tensor([x.shape[0]], device=x.device)
+            all_sizes = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(all_sizes, mine, group=group)
+            sizes = [int(s.item()) for s in all_sizes]
         # gloo's all_gather needs equal shapes: pad every block to the largest, then trim.
         top = max(sizes)
         padded = x.new_zeros((top,) + tuple(x.shape[1:]))
@@ -114,19 +115,21 @@ class _GatherRows(torch.autograd.Function):
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         rank = dist.get_rank(ctx.group)
         start = sum(ctx.sizes[:rank])
-        return grad[start:start + ctx.sizes[rank]] * ctx.scale, None, None
+        return grad[start:start + ctx.sizes[rank]] * ctx.scale, None, None, None
 
 
-def gather_rows(x: torch.Tensor, group=None, scale: float = 1.0) -> torch.Tensor:
-    """All-gather rows with autograd (see ``_GatherRows``); identity without a group."""
+def gather_rows(x: torch.Tensor, group=None, scale: float = 1.0,
+                sizes: list[int] | None = None) -> torch.Tensor:
+    """All-gather rows with autograd (see ``_GatherRows``); identity without a group.
+    ``sizes``: every rank's row count, when known, saves the size exchange."""
     if group is None or dist.get_world_size(group) == 1:
         return x
-    return _GatherRows.apply(x, group, scale)
+    return _GatherRows.apply(x, group, scale, sizes)
 
 
-def gather_rows_nograd(x: torch.Tensor, group=None) -> torch.Tensor:
+def gather_rows_nograd(x: torch.Tensor, group=None, sizes: list[int] | None = None) -> torch.Tensor:
     """All-gather rows of a tensor that needs no gradient (labels, teacher data, ids)."""
     if group is None or dist.get_world_size(group) == 1:
         return x
     with torch.no_grad():
-        return _GatherRows.apply(x.detach(), group, 1.0)
+        return _GatherRows.apply(x.detach(), group, 1.0, sizes)

@@ -81,10 +81,11 @@ def micro_step(p: TrainParts, cfg: RunConfig, micro: int, timer: RegionTimer) ->
         t_local = p.teacher.logits(x, local_ids) if p.teacher is not None else None
     with timer.region("backbone_fwd"):
         f_local = p.engine(x if p.data.task == "text" else x.to(p.dtype))
+    sizes = [len(range(len(ids))[local_slice(len(ids), ctx.world, r)]) for r in range(ctx.world)]
     with timer.region("comm"):
-        feats = gather_rows(f_local, group, scale=float(ctx.world))    # (B, d)
-        y_g = gather_rows_nograd(y, group)
-        t_g = gather_rows_nograd(t_local, group) if t_local is not None else None
+        feats = gather_rows(f_local, group, float(ctx.world), sizes)    # (B, d)
+        y_g = gather_rows_nograd(y, group, sizes)
+        t_g = gather_rows_nograd(t_local, group, sizes) if t_local is not None else None
     # The head and loss run on a detached fp32 copy of the features, so their forward and
     # backward are timed apart from the backbone; the backbone then receives the feature
     # gradient through the surrogate loss <feats, dL/dfeats> (the engine divides it by

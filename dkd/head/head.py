@@ -89,12 +89,13 @@ class ShardedHead(nn.Module):
         return logits
 
     def logits_sampled(self, features: torch.Tensor, local_cols: torch.Tensor,
-                       path: str = "auto") -> torch.Tensor:
+                       path: str = "auto", unique: bool = False) -> torch.Tensor:
         """(B, d) and local row ids (n,) or (B, k) -> (B, n) or (B, k) logits.
 
-        The kernel that ran is in ``self.last_path`` (for logging).
+        unique: promise that 1-D ``local_cols`` has no duplicates (skips the optimizer's
+        duplicate coalescing). The kernel that ran is in ``self.last_path`` (for logging).
         """
-        logits, handle = sampled_logits(features, self.weight, local_cols, path)
+        logits, handle = sampled_logits(features, self.weight, local_cols, path, unique=unique)
         self._record(handle)
         return logits
 
@@ -116,6 +117,10 @@ class ShardedHead(nn.Module):
         self._pending.clear()
         if not got:
             return 0
+        if len(got) == 1 and got[0][1][0] is None:
+            # One full-softmax call: its (C_local, d) gradient is the step's (no copy).
+            optimizer.step(None, got[0][1][1], lr)
+            return self.num_local
         if any(rows is None for _, (rows, _g) in got):
             # A full-softmax call touched every row: the step is dense anyway.
             dense = torch.zeros_like(self.weight)

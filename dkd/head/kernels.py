@@ -201,12 +201,15 @@ def _check(features: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor) -> 
 
 
 def sampled_logits(features: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor,
-                   path: str = "auto", balance: float | None = None):
+                   path: str = "auto", balance: float | None = None, unique: bool = False):
     """Logits of the sampled classes and a handle to their row gradient.
 
     features: (B, d), may require grad; weight: (C_local, d), never receives ``.grad``;
     cols: (n,) local row ids shared by the batch, or (B, k) per-sample local row ids.
     balance: flop/byte of the machine for ``auto`` (None: ``default_balance``).
+    unique: the caller promises that 1-D cols has no duplicates (e.g. a batch-shared
+    sample set, whose columns are unique by construction); the handle then says so and
+    the optimizer skips coalescing duplicate rows. Ignored for 2-D cols.
     Returns (logits (B, n) or (B, k), RowGrad). Ids are not range-checked (that would
     synchronise an accelerator); out-of-range ids fail inside index_select.
     """
@@ -218,7 +221,7 @@ def sampled_logits(features: torch.Tensor, weight: torch.Tensor, cols: torch.Ten
         if path not in ("auto", "batch_shared"):
             raise ValueError(f"path {path!r} needs per-sample cols (B, k); got shape (n,)")
         leaf = _leaf(weight, cols)                      # (n, d)
-        return features @ leaf.t(), RowGrad(cols, "batch_shared", unique=False, leaf=leaf)
+        return features @ leaf.t(), RowGrad(cols, "batch_shared", unique=bool(unique), leaf=leaf)
     if path == "batch_shared":
         raise ValueError("path 'batch_shared' needs one shared class set cols (n,)")
     B, k = cols.shape

@@ -117,12 +117,21 @@ class SparseRowOptimizer:
         if grad.shape != self.weight.shape:
             raise ValueError(f"grad must have shape {tuple(self.weight.shape)} for a dense "
                              f"step, got {tuple(grad.shape)}")
-        # The state tensors themselves are the working buffers.
-        work = {k: v for k, v in self.state.items() if k != "step"}
-        work["param"] = self.weight
-        if "exp_avg_sq" in work:
-            work["denom"] = torch.empty_like(self.weight)
-        self._update(work, grad.to(self.weight.dtype), lr, self._row_coefficients(None, lr))
+        grad = grad.to(self.weight.dtype)
+        coef = self._row_coefficients(None, lr)
+        # The state tensors themselves are the working buffers, updated in row chunks
+        # (slices are views): each chunk's passes stay in cache, and Adam's denominator
+        # needs only a chunk-sized scratch instead of a fresh (C_local, d) tensor per step.
+        n = self._chunk or self.weight.shape[0]
+        denom = None
+        if "exp_avg_sq" in self.state:
+            denom = self.weight.new_empty((min(n, self.weight.shape[0]), self.weight.shape[1]))
+        for i in range(0, self.weight.shape[0], n):
+            work = {k: v[i:i + n] for k, v in self.state.items() if k != "step"}
+            work["param"] = self.weight[i:i + n]
+            if denom is not None:
+                work["denom"] = denom[:work["param"].shape[0]]
+            self._update(work, grad[i:i + n], lr, coef and tuple(c[i:i + n] for c in coef))
 
     def _row_coefficients(self, rows: torch.Tensor | None, lr: float):
         """Adam only: bump the per-row step counts t of ``rows`` (None: all) and return the

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from dkd.losses.softmax import _check_temperature, mix, softmax_ce, softmax_probs
+from dkd.losses.softmax import _check_temperature, fused_softmax_ce, mix
 from dkd.sampling.sampler import SampleSet
 
 
@@ -34,12 +34,12 @@ def sampled_kd_terms(student_cols: torch.Tensor, teacher_cols: torch.Tensor,
     if mask is not None:
         o = o.masked_fill(~mask, 0.0)       # masked o may be junk; keep arithmetic finite
     t_hat = teacher_cols.detach().to(student_cols.dtype) / T - o
-    p_hat = softmax_probs(t_hat, group, mask)
-    terms = {"kd": softmax_ce(student_cols / T - o, p_hat, group, mask)}
+    # p̂ = softmax(t̂) is formed inside the fused call: both terms cost two collectives.
+    entries = {"kd": (student_cols / T - o, t_hat, True)}
     if target_cols is not None:
         onehot = target_cols.to(student_cols.dtype).expand_as(student_cols)
-        terms["ce"] = softmax_ce(student_cols - o, onehot, group, mask)
-    return terms
+        entries["ce"] = (student_cols - o, onehot, False)
+    return fused_softmax_ce(entries, group, mask)
 
 
 def sampled_student_logits(features: torch.Tensor, weight: torch.Tensor,

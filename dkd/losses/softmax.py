@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from dkd.dist.functional import all_reduce_sum, logsumexp
+from dkd.dist.functional import all_reduce_max, all_reduce_sum, logsumexp
 
 
 def _check_temperature(T: float) -> None:
@@ -43,6 +43,55 @@ def softmax_ce(student_cols: torch.Tensor, target_probs: torch.Tensor, group=Non
     # Fill masked logits with 0 (not -inf) in the cross term: 0 * -inf would be nan.
     cross = (_masked(target_probs, mask, 0.0) * _masked(student_cols, mask, 0.0)).sum(-1)
     return lse - all_reduce_sum(cross, group)
+
+
+def _row_max(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[-1] == 0:  # a rank may own none of the sampled columns
+        return x.new_full(x.shape[:-1], float("-inf"))
+    return x.detach().amax(-1)
+
+
+def fused_softmax_ce(entries: dict, group=None,
+                     mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Several per-row softmax cross-entropies over the same columns, in TWO collectives.
+
+    entries: name -> (student_cols (B, n), target (B, n), target_is_logits). A target given
+    as probabilities is used as is; one given as logits t is turned into softmax(t) over
+    all ranks' columns (the sampled teacher). Returns name -> (B,) in nats, equal to
+    ``softmax_ce(s, p)`` for each entry.
+
+    Collectives: one all-reduce MAX of every row maximum (stacked (k, B), no grad), then one
+    all-reduce SUM (identity backward) of every partial sum, stacked: sum exp(s - m_s),
+    sum exp(t - m_t) and the cross term sum w * s, with w = p or exp(t - m_t). Packing
+    matters on P ranks: per-collective latency, not bytes, dominates at these sizes.
+    """
+    cols, maxima = {}, []
+    for name, (s_cols, target, is_logits) in entries.items():
+        s_m = _masked(s_cols, mask, float("-inf"))
+        t_m = _masked(target.detach(), mask, float("-inf")) if is_logits else None
+        cols[name] = (s_m, t_m)
+        maxima += [_row_max(s_m)] + ([_row_max(t_m)] if is_logits else [])
+    shift = all_reduce_max(torch.stack(maxima), group)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    parts, i = [], 0
+    for name, (s_cols, target, is_logits) in entries.items():
+        s_m, t_m = cols[name]
+        parts.append(torch.exp(s_m - shift[i].unsqueeze(-1)).sum(-1))
+        if is_logits:
+            w = torch.exp(t_m - shift[i + 1].unsqueeze(-1))
+            parts.append(w.sum(-1))
+        else:
+            w = _masked(target.detach(), mask, 0.0)
+        parts.append((w * _masked(s_cols, mask, 0.0)).sum(-1))
+        i += 2 if is_logits else 1
+    sums = all_reduce_sum(torch.stack(parts), group)
+    out, i, j = {}, 0, 0
+    for name, (_, _, is_logits) in entries.items():
+        lse = shift[i] + torch.log(sums[j])
+        cross = sums[j + 2] / sums[j + 1].detach() if is_logits else sums[j + 1]
+        out[name] = lse - cross
+        i, j = i + (2 if is_logits else 1), j + (3 if is_logits else 2)
+    return out
 
 
 def softmax_probs(logit_cols: torch.Tensor, group=None,
@@ -83,13 +132,13 @@ def full_kd_terms(student_cols: torch.Tensor, target_probs: torch.Tensor | None,
     without the T^2 factor (that lives in :func:`mix`).
     """
     _check_temperature(T)
-    terms: dict[str, torch.Tensor] = {}
+    entries = {}
     if target_probs is not None:
-        terms["kd"] = softmax_ce(student_cols / T, target_probs.detach(), group, mask)
+        entries["kd"] = (student_cols / T, target_probs, False)
     if y is not None:
         onehot = target_onehot(y, student_cols.shape[-1], col_start, student_cols.dtype)
-        terms["ce"] = softmax_ce(student_cols, onehot, group, mask)
-    return terms
+        entries["ce"] = (student_cols, onehot, False)
+    return fused_softmax_ce(entries, group, mask) if entries else {}
 
 
 def mix(terms: dict[str, torch.Tensor], lam: float, T: float,

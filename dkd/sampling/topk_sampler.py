@@ -35,18 +35,18 @@ map, allocated once: class id -> column. Without it the map is allocated per cal
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from dkd.head.shard import stratified_counts
+from dkd.head.shard import owner_of, stratified_counts
 from dkd.sampling.proposals import LaplaceMixtureProposal, Proposal, UniformProposal
 from dkd.sampling.sampler import CORRECTIONS, MODES, SampleSet
 
 _F64 = torch.float64
 
 
-@dataclass
+@dataclass(eq=False)
 class TopKTeacher:
     """Top-K teacher data of one (global) batch.
 
@@ -59,6 +59,7 @@ class TopKTeacher:
     logits: torch.Tensor
     lse: torch.Tensor
     num_classes: int
+    _rest: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if self.ids.dim() != 2 or self.logits.shape != self.ids.shape:
@@ -82,13 +83,18 @@ class TopKTeacher:
         return cls(idx, val, torch.logsumexp(logits.double(), 1).to(logits.dtype), logits.shape[1])
 
     def rest_logit(self) -> torch.Tensor:
-        """(B,) float64 completion logit of every non-top-K class (-inf when K = C)."""
-        B, C, K = self.ids.shape[0], self.num_classes, self.k
-        if K == C:
-            return torch.full((B,), float("-inf"), dtype=_F64, device=self.ids.device)
-        lse = self.lse.double()
-        left = -torch.expm1(torch.logsumexp(self.logits.double(), 1) - lse)   # tail mass
-        return lse + torch.log(left.clamp_min(torch.finfo(_F64).tiny)) - math.log(C - K)
+        """(B,) float64 completion logit of every non-top-K class (-inf when K = C).
+        Computed once per object (the tensors are not expected to change)."""
+        if self._rest is None:
+            B, C, K = self.ids.shape[0], self.num_classes, self.k
+            if K == C:
+                self._rest = torch.full((B,), float("-inf"), dtype=_F64, device=self.ids.device)
+            else:
+                lse = self.lse.double()
+                left = -torch.expm1(torch.logsumexp(self.logits.double(), 1) - lse)  # tail mass
+                self._rest = (lse + torch.log(left.clamp_min(torch.finfo(_F64).tiny))
+                              - math.log(C - K))
+        return self._rest
 
     def log_partition(self, T: float) -> torch.Tensor:
         """(B,) float64 log Σ_c exp(a_c / T) over the completed teacher."""
@@ -107,87 +113,146 @@ class TopKTeacher:
 
 # ---------------------------------------------------------------- rank proposals
 def _rank_components(proposal: Proposal):
-    """[(log weight, kind, scale)] of a closed-form rank proposal, or None.
+    """((log weight, kind, scale), ...) of a closed-form rank proposal, or None.
 
     kind: "uniform", "left" (truncated Laplace at x = 0) or "right" (at x = 1); scale in
     units of the normalised rank axis x in [0, 1] (rank k covers [k/n, (k+1)/n)).
     """
     if type(proposal) is UniformProposal:
-        return [(0.0, "uniform", 1.0)]
+        return ((0.0, "uniform", 1.0),)
     if type(proposal) is LaplaceMixtureProposal:
         comps = []
         if proposal.w > 0:
             comps.append((math.log(proposal.w), "left", proposal.b1 / 100.0))
         if proposal.w < 1:
             comps.append((math.log1p(-proposal.w), "right", proposal.b2() / 100.0))
-        return comps
+        return tuple(comps)
     return None
 
 
-def _comp_log_mass(kind: str, s: float, n: int, lo: torch.Tensor, hi: torch.Tensor):
-    """log mass of ranks [lo, hi) under one component (exact bin integrals, stable)."""
-    if kind == "uniform":
-        return torch.log((hi - lo) / n)
-    a, b = lo / n, hi / n
-    y1 = a if kind == "left" else 1.0 - b            # distance of the near edge from the centre
-    return (-y1 / s + torch.log(-torch.expm1(-(b - a) / s))
-            - math.log(-math.expm1(-1.0 / s)))
+class _RankLaw:
+    """A rank proposal on n ranks: masses of rank intervals, log masses of single ranks,
+    inverse-CDF draws. Closed form (O(1) per rank or draw, exact bin integrals of the
+    truncated Laplace densities) for uniform and DIS; any other rank proposal goes
+    through its (n,) ``rank_probs`` (O(n))."""
+
+    def __init__(self, proposal: Proposal, n: int):
+        self.n, self.comps = n, _rank_components(proposal)
+        self._first_weight: dict = {}
+        if self.comps is None:
+            self.r = proposal.rank_probs(n).double().cpu()
+            self.cum = torch.cat([torch.zeros(1, dtype=_F64), self.r.cumsum(0)])
+
+    def _comp_log_interval(self, kind, s, lo, hi):
+        n = self.n
+        if kind == "uniform":
+            return torch.log((hi - lo) / n)
+        near = lo / n if kind == "left" else 1.0 - hi / n   # near edge's distance from centre
+        return (-near / s + torch.log(-torch.expm1(-(hi - lo) / (n * s)))
+                - math.log(-math.expm1(-1.0 / s)))
+
+    def interval(self, lo, hi) -> torch.Tensor:
+        """float64 mass of ranks [lo, hi) (broadcast tensors or numbers)."""
+        lo = torch.as_tensor(lo, dtype=_F64)
+        hi = torch.as_tensor(hi, dtype=_F64, device=lo.device)
+        if self.comps is None:
+            cs = self.cum.to(lo.device)
+            return (cs[hi.long()] - cs[lo.long()]).clamp_min(0.0)
+        total = sum(torch.exp(lw + self._comp_log_interval(kind, s, lo, hi))
+                    for lw, kind, s in self.comps)
+        return torch.where(hi > lo, total, torch.zeros_like(total))
+
+    def log_mass(self, k: torch.Tensor) -> torch.Tensor:
+        """float64 log mass of single ranks k (float64 tensor)."""
+        if self.comps is None:
+            return torch.log(self.r.to(k.device)[k.long()])
+        n, terms = self.n, []
+        for lw, kind, s in self.comps:
+            if kind == "uniform":
+                terms.append(torch.full_like(k, lw - math.log(n)))
+                continue
+            a = 1.0 / (n * s)
+            c = lw + math.log(-math.expm1(-a)) - math.log(-math.expm1(-1.0 / s))
+            terms.append(c - a * (k if kind == "left" else (n - 1) - k))
+        return terms[0] if len(terms) == 1 else torch.logaddexp(terms[0], terms[1])
+
+    def draw(self, lo: int, hi: int, m: int, generator=None) -> torch.Tensor:
+        """m i.i.d. ranks restricted to [lo, hi) (long, on the generator's device)."""
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        if self.comps is None:
+            return lo + torch.multinomial(self.r[lo:hi].to(gdev), m, replacement=True,
+                                          generator=generator)
+        n = self.n
+        w0 = self._first_weight.get((lo, hi))
+        if w0 is None:   # probability of the first component within [lo, hi)
+            lo_t, hi_t = torch.tensor(float(lo), dtype=_F64), torch.tensor(float(hi), dtype=_F64)
+            logw = torch.stack([lw + self._comp_log_interval(kind, s, lo_t, hi_t)
+                                for lw, kind, s in self.comps])
+            w0 = self._first_weight[(lo, hi)] = float(torch.softmax(logw, 0)[0])
+        u = torch.rand(2, m, generator=generator, dtype=_F64, device=gdev)
+        xs = []
+        for _, kind, s in self.comps:
+            if kind == "uniform":
+                xs.append((lo + u[1] * (hi - lo)) / n)
+                continue
+            near = lo / n if kind == "left" else 1.0 - hi / n
+            y = near - s * torch.log1p(-u[1] * (-math.expm1(-(hi - lo) / (n * s))))
+            xs.append(y if kind == "left" else 1.0 - y)
+        x = xs[0] if len(xs) == 1 else torch.where(u[0] < w0, xs[0], xs[1])
+        return torch.floor(x * n).clamp_(lo, hi - 1).long()
+
+
+def _law(proposal: Proposal, n: int, workspace=None) -> _RankLaw:
+    comps = _rank_components(proposal)
+    if comps is None:
+        return _RankLaw(proposal, n)
+    return _cached(workspace, ("law", comps, n), lambda: _RankLaw(proposal, n))
 
 
 def rank_interval_mass(proposal: Proposal, n: int, lo, hi) -> torch.Tensor:
     """float64 mass of ranks [lo, hi) (0-based, broadcast tensors or ints) of a rank
     proposal on n ranks. Closed form for uniform and DIS; otherwise from rank_probs (O(n))."""
-    lo = torch.as_tensor(lo, dtype=_F64)
-    hi = torch.as_tensor(hi, dtype=_F64, device=lo.device)
-    comps = _rank_components(proposal)
-    if comps is None:
-        cs = torch.cat([torch.zeros(1, dtype=_F64),
-                        proposal.rank_probs(n).double().cpu().cumsum(0)]).to(lo.device)
-        return (cs[hi.long()] - cs[lo.long()]).clamp_min(0.0)
-    total = torch.zeros(torch.broadcast_shapes(lo.shape, hi.shape), dtype=_F64, device=lo.device)
-    for lw, kind, s in comps:
-        total = total + torch.exp(lw + _comp_log_mass(kind, s, n, lo, hi))
-    return torch.where(hi > lo, total, torch.zeros_like(total))
+    return _RankLaw(proposal, n).interval(lo, hi)
 
 
 def rank_draw(proposal: Proposal, n: int, lo: int, hi: int, m: int,
               generator: torch.Generator | None = None) -> torch.Tensor:
     """m i.i.d. ranks (long, generator's device) from a rank proposal on n ranks restricted
     to [lo, hi), by inverse CDF (O(m) for uniform / DIS)."""
-    gdev = generator.device if generator is not None else torch.device("cpu")
+    return _RankLaw(proposal, n).draw(lo, hi, m, generator)
+
+
+def _cached(workspace, key, fn):
+    """fn() memoised in workspace["cache"] under key (no caching without a workspace/key)."""
+    if workspace is None or key is None:
+        return fn()
+    cache = workspace.setdefault("cache", {})
+    if key not in cache:
+        if len(cache) > 64:
+            cache.clear()
+        cache[key] = fn()
+    return cache[key]
+
+
+def _rank_key(proposal, *args):
     comps = _rank_components(proposal)
-    if comps is None:
-        r = proposal.rank_probs(n).double().to(gdev)[lo:hi]
-        return lo + torch.multinomial(r, m, replacement=True, generator=generator)
-    lo_t, hi_t = torch.tensor(float(lo), dtype=_F64), torch.tensor(float(hi), dtype=_F64)
-    logw = torch.stack([lw + _comp_log_mass(kind, s, n, lo_t, hi_t) for lw, kind, s in comps])
-    cum = torch.softmax(logw, 0).cumsum(0).to(gdev)
-    u = torch.rand(2, m, generator=generator, dtype=_F64, device=gdev)
-    which = torch.searchsorted(cum[:-1].contiguous(), u[0], right=True)
-    out = torch.empty(m, dtype=_F64, device=gdev)
-    for i, (_, kind, s) in enumerate(comps):
-        sel = which == i
-        v = u[1][sel]
-        if kind == "uniform":
-            out[sel] = lo + torch.floor(v * (hi - lo))
-            continue
-        width = (hi - lo) / n
-        near = lo / n if kind == "left" else 1.0 - hi / n
-        y = near - s * torch.log1p(-v * (-math.expm1(-width / s)))   # distance from centre
-        out[sel] = torch.floor((y if kind == "left" else 1.0 - y) * n)
-    return out.clamp_(lo, hi - 1).long()
+    return None if comps is None else (comps,) + args
 
 
 # ---------------------------------------------------------------- per-row proposal
-def _row_probs(teacher: TopKTeacher, proposal: Proposal):
-    """r_b over the full ranking of C classes: (pk (B, K) on the top-K, tail (B,) per tail
-    class), float64. Rank proposals: pk = r(rank), tail = mean of r over ranks >= K."""
+def _row_probs(teacher: TopKTeacher, proposal: Proposal, workspace=None):
+    """r_b over the full ranking of C classes, float64: (pk on the top-K, (1, K) for rank
+    proposals (the same for every row) or (B, K); tail (B,) per non-top-K class).
+    Rank proposals: pk = r(rank), tail = mean of r over ranks >= K."""
     B, K, C = teacher.ids.shape[0], teacher.k, teacher.num_classes
     dev = teacher.ids.device
     if proposal.rank_based:
-        ks = torch.arange(K, dtype=_F64)
-        pk = rank_interval_mass(proposal, C, ks, ks + 1).to(dev).expand(B, K)
-        tail = rank_interval_mass(proposal, C, K, C).item() / max(C - K, 1)
+        def masses():
+            ks = torch.arange(K + 1, dtype=_F64)
+            law = _law(proposal, C, workspace)
+            return (law.interval(ks[:-1], ks[1:]).to(dev).unsqueeze(0),
+                    law.interval(K, C).item() / max(C - K, 1))
+        pk, tail = _cached(workspace, _rank_key(proposal, "row", C, K, str(dev)), masses)
         return pk, torch.full((B,), tail, dtype=_F64, device=dev)
     if not hasattr(proposal, "temperature"):
         raise ValueError(f"proposal {proposal.name!r} is neither rank-based nor the teacher "
@@ -210,32 +275,39 @@ def _slot_map(workspace: dict | None, C: int, device) -> torch.Tensor:
 
 
 def _topk_hits(ids: torch.Tensor, cls: torch.Tensor, workspace, C: int):
-    """Entries of ids (B, K) that are among the unique classes cls (n,) (ids < C):
-    (flat entry index (h,), column in cls (h,))."""
+    """Entries of ids (B, K) that are among the unique classes cls (n,) (all < C):
+    (flat entry index (h,), column in cls (h,)). O(B·K + n), no sort."""
     n = cls.numel()
     flat = ids.reshape(-1)
     if n == 0:
         e = flat.new_zeros(0)
         return e, e
     slot = _slot_map(workspace, C, ids.device)
-    slot[cls] = torch.arange(n, dtype=torch.int32, device=ids.device)
-    col = slot[flat].long().clamp_(0, n - 1)
-    hit = (cls[col] == flat).nonzero().squeeze(1)
-    return hit, col[hit]
+    slot.index_copy_(0, cls, torch.arange(n, dtype=torch.int32, device=ids.device))
+    col = slot.index_select(0, flat).clamp_(0, n - 1)          # int32 indices are fine
+    hit = (cls.index_select(0, col) == flat).nonzero().squeeze(1)
+    return hit, col.index_select(0, hit).long()
 
 
-def _lookup(teacher, cls, workspace, *pairs):
-    """(B, n) matrices at unique classes cls for each (top-K values (B, K), tail value (B,))."""
-    ids = teacher.ids
-    B, K = ids.shape
-    hit, col = _topk_hits(ids, cls, workspace, teacher.num_classes)
+def _shared_lookup(teacher, cls, pk, tail, workspace, logits: bool = True):
+    """At unique classes cls (n,): the completed teacher logits (B, n) (None unless
+    ``logits``) and r̄ = mean_b r_b (n,) float64 (None when pk is None), from the hits of
+    cls in the top-K only: r̄(c) = mean_b tail_b + Σ_{b: c in top-K_b} (r_b(c) - tail_b) / B."""
+    B, K = teacher.ids.shape
+    n = cls.numel()
+    hit, col = _topk_hits(teacher.ids, cls, workspace, teacher.num_classes)
     rows = torch.div(hit, K, rounding_mode="floor")
-    out = []
-    for top, rest in pairs:
-        mat = rest.unsqueeze(1).expand(B, cls.numel()).clone()
-        mat[rows, col] = top.reshape(-1)[hit].to(mat.dtype)
-        out.append(mat)
-    return out
+    a = rbar = None
+    if pk is not None:
+        p_hit = (pk.reshape(-1).index_select(0, hit - rows * K) if pk.shape[0] == 1
+                 else pk.reshape(-1).index_select(0, hit))
+        diff = p_hit - tail.index_select(0, rows)
+        rbar = (tail.mean() + torch.zeros(n, dtype=_F64, device=cls.device)
+                .index_add_(0, col, diff) / B).clamp_min_(1e-300)
+    if logits:
+        a = teacher.rest_logit().to(teacher.logits.dtype).unsqueeze(1).expand(B, n).contiguous()
+        a.view(-1).index_copy_(0, rows * n + col, teacher.logits.reshape(-1).index_select(0, hit))
+    return a, rbar
 
 
 def teacher_logits_at(teacher: TopKTeacher, classes: torch.Tensor,
@@ -244,7 +316,7 @@ def teacher_logits_at(teacher: TopKTeacher, classes: torch.Tensor,
     rest = teacher.rest_logit().to(teacher.logits.dtype)
     if classes.dim() == 1:
         u, inv = torch.unique(classes.long(), return_inverse=True)
-        return _lookup(teacher, u, workspace, (teacher.logits, rest))[0][:, inv]
+        return _shared_lookup(teacher, u, None, None, workspace)[0].index_select(1, inv)
     B, K, C = teacher.ids.shape[0], teacher.k, teacher.num_classes
     base = torch.arange(B, device=classes.device).unsqueeze(1) * C
     keys, order = torch.sort((teacher.ids + base).reshape(-1))
@@ -260,16 +332,29 @@ def _gen_device(generator):
     return generator.device if generator is not None else torch.device("cpu")
 
 
-def _non_target(teacher: TopKTeacher, y: torch.Tensor):
-    """Top-K without the target: (ids (B, K), logits (B, K), pos_y (B,), y_in (B,)).
-    Rows whose target is in the top-K have K - 1 valid entries (the last is filler)."""
-    B, K = teacher.ids.shape
+def _target_pos(teacher: TopKTeacher, y: torch.Tensor):
+    """(pos_y (B,) column of the target in the top-K, K if absent; y_in (B,) bool)."""
     eq = teacher.ids == y.long().unsqueeze(1)
     y_in = eq.any(1)
-    pos_y = torch.where(y_in, eq.int().argmax(1), torch.full_like(y_in, K, dtype=torch.long))
-    idx = torch.arange(K, device=y.device).expand(B, K)
-    idx = (idx + (idx >= pos_y.unsqueeze(1)).long()).clamp_(max=K - 1)
-    return teacher.ids.gather(1, idx), teacher.logits.gather(1, idx), pos_y, y_in
+    return torch.where(y_in, eq.int().argmax(1), teacher.k), y_in
+
+
+def _rest_columns(pos_y: torch.Tensor, ranks: torch.Tensor, K: int) -> torch.Tensor:
+    """Top-K column of non-target rank ``ranks`` ((t,) or (B, m)) of each row: rank j is
+    column j, or j + 1 past the target's column. Clamped to K - 1 (callers mask ranks
+    beyond the row's top-K)."""
+    r = ranks if ranks.dim() == 2 else ranks.unsqueeze(0)
+    return (r + (r >= pos_y.unsqueeze(1)).long()).clamp_(max=K - 1)
+
+
+def _non_target(teacher: TopKTeacher, y: torch.Tensor, t: int | None = None):
+    """The first t (default K) top-K classes without the target: (ids (B, t), logits
+    (B, t), pos_y, y_in). Rows whose target is in the top-K have K - 1 valid entries."""
+    pos_y, y_in = _target_pos(teacher, y)
+    t = teacher.k if t is None else t
+    col = _rest_columns(pos_y, torch.arange(t, device=y.device), teacher.k)
+    col = col.expand(y.shape[0], t)
+    return teacher.ids.gather(1, col), teacher.logits.gather(1, col), pos_y, y_in
 
 
 def _outside_rows(c, rows, ids, lo, hi, generator, y=None):
@@ -277,27 +362,25 @@ def _outside_rows(c, rows, ids, lo, hi, generator, y=None):
     c becomes uniform over [lo, hi) minus that row's excluded set."""
     gdev = _gen_device(generator)
     sel = torch.arange(c.numel(), device=c.device)
-    while sel.numel():
-        cs, rs = c[sel], rows[sel]
-        bad = (ids[rs] == cs.unsqueeze(1)).any(1)
+    for _ in range(100_000):
+        cs, rs = c.index_select(0, sel), rows.index_select(0, sel)
+        bad = ids.index_select(0, rs).eq(cs.unsqueeze(1)).any(1)
         if y is not None:
-            bad |= y[rs] == cs
+            bad |= y.index_select(0, rs) == cs
         sel = sel[bad]
-        if sel.numel():
-            c[sel] = torch.randint(lo, hi, (sel.numel(),), generator=generator,
-                                   device=gdev).to(c.device)
-    return c
-
-
-def _log_o(prob: torch.Tensor, m, correction: str) -> torch.Tensor:
-    o = torch.log(prob)
-    return o + math.log(m) if correction == "expected" else o
+        if not sel.numel():
+            return c
+        c[sel] = torch.randint(lo, hi, (sel.numel(),), generator=generator,
+                               device=gdev).to(c.device)
+    raise RuntimeError("no class left outside the excluded set (empty tail?)")
 
 
 # ---------------------------------------------------------------- batch-shared
 def _deterministic(teacher, y, top_t):
-    rest_ids = _non_target(teacher, y)[0]
-    return torch.unique(torch.cat([y.long(), rest_ids[:, :top_t].reshape(-1)]))
+    if top_t == 0:
+        return torch.unique(y.long())
+    rest_ids = _non_target(teacher, y, top_t)[0]
+    return torch.unique(torch.cat([y.long(), rest_ids.reshape(-1)]))
 
 
 def _range_mass(teacher, pk, tail, lo, hi):
@@ -307,30 +390,50 @@ def _range_mass(teacher, pk, tail, lo, hi):
     return ((pk * inside).sum(1) + tail * n_tail).mean()
 
 
-def _draw_mixture(teacher, pk, tail, det, lo, hi, m, accept, generator):
-    """m i.i.d. draws from r̄ restricted to [lo, hi) \\ D; accept = that mass / r̄([lo, hi))."""
+def _draw_mixture(teacher, pk, tail, det, lo, hi, m, accept, generator, exact_accept=None):
+    """m i.i.d. draws from r̄ restricted to [lo, hi) \\ D; accept = that mass / r̄([lo, hi))
+    sizes the candidate batches (None: start at 1 and learn it from the rejections; if a
+    round keeps nothing, ``exact_accept()`` is asked, and 0 there means no draws at all).
+    Candidates: entry (b, j) of [r_b(top-K), r_b(tail in range)] by one multinomial; a tail
+    entry is a uniform class of [lo, hi) outside top-K_b; candidates in D are rejected."""
     B, K = teacher.ids.shape
+    C = teacher.num_classes
     dev, gdev = teacher.ids.device, _gen_device(generator)
-    inside = (teacher.ids >= lo) & (teacher.ids < hi)
-    P = torch.cat([pk * inside, (tail * ((hi - lo) - inside.sum(1))).unsqueeze(1)], 1)
+    if lo == 0 and hi == C:
+        P = torch.cat([pk.expand(B, K), (tail * (C - K)).unsqueeze(1)], 1)
+    else:
+        inside = (teacher.ids >= lo) & (teacher.ids < hi)
+        P = torch.cat([pk * inside, (tail * ((hi - lo) - inside.sum(1))).unsqueeze(1)], 1)
     P = P.reshape(-1).to(gdev)
-    got, need = [], m
-    while need > 0:
+    flat_ids = teacher.ids.reshape(-1)
+    got, need, guess = [], m, accept is None
+    accept = 1.0 if accept is None else accept
+    for _ in range(10_000):
         n_c = int(min(need / max(accept, 1e-3) * 1.1 + 16, 64 * m + 4096))
         idx = torch.multinomial(P, n_c, replacement=True, generator=generator).to(dev)
-        b, j = torch.div(idx, K + 1, rounding_mode="floor"), idx % (K + 1)
-        c = teacher.ids[b, j.clamp(max=K - 1)]
-        tl = (j == K).nonzero().squeeze(1)
-        if tl.numel():
-            u = torch.randint(lo, hi, (tl.numel(),), generator=generator, device=gdev).to(dev)
-            c[tl] = _outside_rows(u, b[tl], teacher.ids, lo, hi, generator)
+        b = torch.div(idx, K + 1, rounding_mode="floor")
+        j = idx - b * (K + 1)
+        tl = j == K
+        c = flat_ids.index_select(0, (b * K + j).clamp_(max=B * K - 1))
+        if bool(tl.any()):
+            sel = tl.nonzero().squeeze(1)
+            u = torch.randint(lo, hi, (sel.numel(),), generator=generator, device=gdev).to(dev)
+            c[sel] = _outside_rows(u, b.index_select(0, sel), teacher.ids, lo, hi, generator)
         if det.numel():
             pos = torch.searchsorted(det, c).clamp_(max=det.numel() - 1)
-            c = c[det[pos] != c]
-        c = c[:need]
-        got.append(c)
-        need -= c.numel()
-    return torch.cat(got)
+            c = c[det.index_select(0, pos) != c]
+        got.append(c[:need])
+        need -= got[-1].numel()
+        if need <= 0:
+            return torch.cat(got)
+        if guess:                                # deterministic: depends on the draws only
+            if c.numel() == 0 and exact_accept is not None:
+                accept, exact_accept = exact_accept(), None
+                if not accept > 0:
+                    return det.new_zeros(0)
+            else:
+                accept = max(c.numel() / n_c, 1e-3)
+    raise RuntimeError("could not draw outside D: the proposal has (almost) no mass there")
 
 
 def _finish_shared(teacher, det, det_a, draws_raw, pk, tail, n_draws, log_norm, paper_norm,
@@ -338,9 +441,7 @@ def _finish_shared(teacher, det, det_a, draws_raw, pk, tail, n_draws, log_norm, 
     """SampleSet (n,) and teacher logits (B, n) from D and the raw draws."""
     dev = teacher.ids.device
     draws, counts = torch.unique(draws_raw, return_counts=True)
-    rest = teacher.rest_logit().to(teacher.logits.dtype)
-    a_d, p_d = _lookup(teacher, draws, workspace, (teacher.logits, rest), (pk, tail))
-    rbar = p_d.mean(0)
+    a_d, rbar = _shared_lookup(teacher, draws, pk, tail, workspace)
     if correction == "expected":   # log(n r̄(c) / R): R the mass of what was sampled from
         o = math.log(max(n_draws, 1)) + torch.log(rbar) - log_norm
     else:                          # Algorithm 1 as printed: log r̄(c), r̄ normalised on C \ D
@@ -356,23 +457,44 @@ def _finish_shared(teacher, det, det_a, draws_raw, pk, tail, n_draws, log_norm, 
 
 
 def _shared_setup(teacher, y, proposal, top_t, workspace):
-    pk, tail = _row_probs(teacher, proposal)
+    pk, tail = _row_probs(teacher, proposal, workspace)
     det = _deterministic(teacher, y, top_t)
-    rest = teacher.rest_logit().to(teacher.logits.dtype)
-    det_a, det_p = _lookup(teacher, det, workspace, (teacher.logits, rest), (pk, tail))
+    det_a, r_det = _shared_lookup(teacher, det, pk, tail, workspace)
     total = (pk.sum(1) + tail * (teacher.num_classes - teacher.k)).mean()
-    return pk, tail, det, det_a, det_p.mean(0), total
+    return pk, tail, det, det_a, r_det, total
 
 
 def _batch_shared(teacher, y, proposal, m, top_t, correction, generator, workspace):
+    """One look-up, after drawing: the acceptance of D's rejection is learnt while drawing
+    (an exact look-up of D happens only if a whole round lands in D)."""
     C = teacher.num_classes
-    pk, tail, det, det_a, r_det, total = _shared_setup(teacher, y, proposal, top_t, workspace)
-    Z = float(total - r_det.sum())                     # r̄ mass of C \ D
-    draws = det.new_zeros(0)
-    if det.numel() < C and Z > 0:
-        draws = _draw_mixture(teacher, pk, tail, det, 0, C, m, Z / float(total), generator)
-    return _finish_shared(teacher, det, det_a, draws, pk, tail, m, math.log(max(Z, 1e-300)),
-                          math.log(max(Z, 1e-300)), correction, workspace)
+    pk, tail = _row_probs(teacher, proposal, workspace)
+    det = _deterministic(teacher, y, top_t)
+    nd = det.numel()
+    total = (pk.sum(1) + tail * (C - teacher.k)).mean()
+
+    def exact_accept():
+        r_det = _shared_lookup(teacher, det, pk, tail, workspace, logits=False)[1]
+        return float((total - r_det.sum()) / total)
+    draws_raw = det.new_zeros(0)
+    if nd < C:
+        draws_raw = _draw_mixture(teacher, pk, tail, det, 0, C, m, None, generator,
+                                  exact_accept)
+    draws, counts = torch.unique(draws_raw, return_counts=True)
+    cls = torch.cat([det, draws])
+    a, rbar = _shared_lookup(teacher, cls, pk, tail, workspace)
+    log_z = torch.log((total - rbar[:nd].sum()).clamp_min(1e-300))   # r̄ mass of C \ D
+    o = torch.log(rbar[nd:]) - log_z - torch.log(counts.double())
+    if correction == "expected":
+        o = o + math.log(m)
+    dev = teacher.ids.device
+    s = SampleSet(
+        classes=cls,
+        log_correction=torch.cat([torch.zeros(nd, device=dev), o.float()]),
+        deterministic=torch.cat([torch.ones(nd, dtype=torch.bool, device=dev),
+                                 torch.zeros(draws.numel(), dtype=torch.bool, device=dev)]),
+        mask=None, mode="batch_shared")
+    return s, a
 
 
 def batch_mixture_topk(teacher: TopKTeacher, y: torch.Tensor, proposal: Proposal,
@@ -385,7 +507,7 @@ def batch_mixture_topk(teacher: TopKTeacher, y: torch.Tensor, proposal: Proposal
     if classes is None:
         classes = torch.arange(teacher.num_classes, device=teacher.ids.device)
     u, inv = torch.unique(classes.long(), return_inverse=True)
-    rbar = _lookup(teacher, u, workspace, (pk, tail))[0].mean(0)[inv]
+    rbar = _shared_lookup(teacher, u, pk, tail, workspace, logits=False)[1][inv]
     pos = torch.searchsorted(det, classes.long()).clamp_(max=det.numel() - 1)
     rbar = torch.where(det[pos] == classes, torch.zeros_like(rbar), rbar)
     return rbar / (total - r_det.sum()).clamp_min(1e-300), det
@@ -401,11 +523,9 @@ def sample_stratified_topk(teacher: TopKTeacher, y: torch.Tensor, proposal: Prop
     Returns (SampleSet with global ids (n_local,), teacher logits (B, n_local))."""
     _check(teacher, y, m, top_t, "batch_shared", correction)
     pk, tail, det, det_a, r_det, total = _shared_setup(teacher, y, proposal, top_t, workspace)
-    from dkd.head.shard import owner_of
     own_d = owner_of(det, teacher.num_classes, len(bounds))
     R = torch.stack([_range_mass(teacher, pk, tail, s, e) for s, e in bounds])
-    R = R - torch.zeros_like(R).index_add_(0, own_d, r_det)          # (P,) r̄(shard \ D)
-    R = R.clamp_min(0.0)
+    R = (R - torch.zeros_like(R).index_add_(0, own_d, r_det)).clamp_min(0.0)  # r̄(shard \ D)
     Z = float(R.sum())
     counts = (stratified_counts(R, m, generator) if Z > 0
               else torch.zeros(len(bounds), dtype=torch.long))
@@ -426,85 +546,102 @@ def sample_stratified_topk(teacher: TopKTeacher, y: torch.Tensor, proposal: Prop
 
 
 # ---------------------------------------------------------------- per-sample
-def _per_sample_draws(teacher, y, proposal, m, top_t, generator, nt):
-    """(is_tail (B, m), topk column (B, m), prob of one draw (B, m) f64, tail count (B,))."""
-    rest_ids, _, pos_y, y_in = nt
+def _rank_columns(teacher, proposal, m, top_t, generator, pos_y, y_in, correction, workspace):
+    """Rank proposals: m shared ranks. Returns (is_tail (B, m), top-K column (B, m),
+    o (B, m) float32): rank k < h_b is top-K column k (+1 past the target), k >= h_b a tail
+    class with the tail's average probability."""
+    K, C, dev = teacher.k, teacher.num_classes, teacher.ids.device
+    n = C - 1
+    law = _law(proposal, n, workspace)
+    lm = math.log(m) if correction == "expected" else 0.0
+
+    def consts():   # log norm; per h in (K - 1, K): log(tail mass / tail count / norm)
+        log_norm = math.log(law.interval(top_t, n).item())
+        h = torch.tensor([K - 1.0, float(K)])
+        o_t = torch.log(law.interval(h, float(n)) / (n - h).clamp_min(1)) - log_norm + lm
+        return log_norm, o_t.to(dev)
+    log_norm, o_tail = _cached(workspace, _rank_key(proposal, "ps", n, top_t, K, lm, str(dev)),
+                               consts)
+    k = law.draw(top_t, n, m, generator).to(dev)                                # (m,)
+    o_k = law.log_mass(k.double()) - (log_norm - lm)
+    h = K - y_in.long()                                   # top-K non-target ranks per row
+    is_tail = k.unsqueeze(0) >= h.unsqueeze(1)
+    o = torch.where(is_tail, o_tail.index_select(0, 1 - y_in.long()).float().unsqueeze(1),
+                    o_k.float().unsqueeze(0))
+    return is_tail, _rest_columns(pos_y, k.clamp(max=K - 1), K), o
+
+
+def _teacher_columns(teacher, proposal, m, top_t, generator, pos_y, y_in, correction):
+    """FTIS: per-row draws from [p_b(top-K) without D_b, tail mass]; same returns."""
     B, K, C = teacher.ids.shape[0], teacher.k, teacher.num_classes
     dev = teacher.ids.device
-    h = K - y_in.long()                                   # top-K non-target ranks per row
-    n_tail = (C - 1 - h)
-    if proposal.rank_based:
-        n = C - 1
-        norm = rank_interval_mass(proposal, n, top_t, n).item()
-        k = rank_draw(proposal, n, top_t, n, m, generator).to(dev)          # (m,)
-        pr = rank_interval_mass(proposal, n, k.double().cpu(), k.double().cpu() + 1).to(dev)
-        t_pc = rank_interval_mass(proposal, n, h.double().cpu(), float(n)).to(dev)
-        t_pc = t_pc / n_tail.clamp_min(1)
-        is_tail = k.unsqueeze(0) >= h.unsqueeze(1)
-        prob = torch.where(is_tail, t_pc.unsqueeze(1), pr.unsqueeze(0)) / norm
-        kk = k.clamp(max=K - 1)
-        col = kk + (kk >= pos_y.unsqueeze(1)).long()      # rest rank -> top-K column
-        return is_tail, col.clamp_(max=K - 1), prob, n_tail
+    n_tail = C - K - (~y_in).long()
     pk, tail = _row_probs(teacher, proposal)
     P = torch.cat([pk, (tail * n_tail).unsqueeze(1)], 1)
     j = torch.arange(top_t, device=dev).expand(B, top_t)
-    P = P.scatter(1, j + (j >= pos_y.unsqueeze(1)).long(), 0.0)          # top-t in D
-    P = P.scatter(1, pos_y.clamp(max=K).unsqueeze(1), 0.0)               # the target (or
-    P[:, K] = torch.where(y_in, P[:, K], tail * n_tail)                  # restore the tail)
+    dcols = torch.cat([j + (j >= pos_y.unsqueeze(1)).long(), pos_y.unsqueeze(1)], 1)
+    P = P.scatter(1, dcols.clamp(max=K), 0.0)           # D_b (a target outside the top-K
+    P[:, K] = tail * n_tail                               # points at the tail: restore it)
     total = P.sum(1, keepdim=True)
     if bool((total <= 0).any()):        # all mass on D: uniform over C \ D_b (dense does too)
-        U = torch.ones_like(P).scatter(1, j + (j >= pos_y.unsqueeze(1)).long(), 0.0)
-        U = U.scatter(1, pos_y.clamp(max=K).unsqueeze(1), 0.0)
+        U = torch.ones_like(P).scatter(1, dcols.clamp(max=K), 0.0)
         U[:, K] = n_tail.double()
         P = torch.where(total <= 0, U, P)
         total = P.sum(1, keepdim=True)
     P = P / total
     draw = torch.multinomial(P.to(_gen_device(generator)), m, replacement=True,
                              generator=generator).to(dev)
-    prob = P.gather(1, draw)
-    is_tail = draw == K
-    prob = torch.where(is_tail, prob / n_tail.clamp_min(1).unsqueeze(1), prob)
-    return is_tail, draw.clamp(max=K - 1), prob, n_tail
+    logp = torch.log(P)
+    logp[:, K] -= torch.log(n_tail.clamp_min(1).double())    # per tail class
+    if correction == "expected":
+        logp += math.log(m)
+    o = logp.float().gather(1, draw)
+    return draw == K, draw.clamp(max=K - 1), o
 
 
-def _shared_tail(teacher, y, is_tail, generator, workspace):
-    """Uniform tail classes for the True entries of is_tail (B, m): column j's first
-    candidate is shared by all rows; a row that has it in its top-K (or as its target)
-    re-draws on its own."""
+def _tail_fill(teacher, y, is_tail, cls, generator, workspace):
+    """Put uniform tail classes (outside top-K_b and != y_b) where is_tail (B, m): column
+    j's candidate is shared by all rows; a row holding it re-draws on its own."""
     B, m = is_tail.shape
-    dev, C = teacher.ids.device, teacher.num_classes
-    rows, slots = is_tail.nonzero(as_tuple=True)
+    dev, C, K = teacher.ids.device, teacher.num_classes, teacher.k
     cand = torch.randint(0, C, (m,), generator=generator, device=_gen_device(generator)).to(dev)
+    cls = torch.where(is_tail, cand.unsqueeze(0), cls)
     u, inv = torch.unique(cand, return_inverse=True)
-    hit, col = _topk_hits(teacher.ids, u, workspace, C)
-    clash = torch.zeros(B, u.numel(), dtype=torch.bool, device=dev)
-    clash[torch.div(hit, teacher.k, rounding_mode="floor"), col] = True
-    c = cand[slots]
-    bad = clash[rows, inv[slots]] | (y[rows] == c)
-    sel = bad.nonzero().squeeze(1)
-    if sel.numel():
-        c[sel] = _outside_rows(torch.randint(0, C, (sel.numel(),), generator=generator,
-                                             device=_gen_device(generator)).to(dev),
-                               rows[sel], teacher.ids, 0, C, generator, y)
-    return rows, slots, c
+    hit, col = _topk_hits(teacher.ids, u, workspace, C)     # few: about B·K·m / C
+    rows = torch.div(hit, K, rounding_mode="floor")
+    pair = (col.unsqueeze(1) == inv.unsqueeze(0)).nonzero()  # (hit, column) clashes
+    bad = torch.zeros_like(is_tail)
+    bad[rows.index_select(0, pair[:, 0]), pair[:, 1]] = True
+    bad |= y.unsqueeze(1) == cand.unsqueeze(0)
+    bad &= is_tail
+    if bool(bad.any()):
+        rows, slots = bad.nonzero(as_tuple=True)
+        new = torch.randint(0, C, (rows.numel(),), generator=generator,
+                            device=_gen_device(generator)).to(dev)
+        cls[rows, slots] = _outside_rows(new, rows, teacher.ids, 0, C, generator, y)
+    return cls
 
 
 def _per_sample(teacher, y, proposal, m, top_t, correction, generator, workspace):
-    nt = _non_target(teacher, y)
-    rest_ids, rest_lg, pos_y, y_in = nt
+    pos_y, y_in = _target_pos(teacher, y)
+    K = teacher.k
     rest = teacher.rest_logit().to(teacher.logits.dtype)
-    y_a = torch.where(y_in, teacher.logits.gather(1, pos_y.clamp(max=teacher.k - 1)
-                                                  .unsqueeze(1)).squeeze(1), rest)
-    det = torch.cat([y.long().unsqueeze(1), rest_ids[:, :top_t]], 1)
-    det_a = torch.cat([y_a.unsqueeze(1), rest_lg[:, :top_t]], 1)
-    is_tail, col, prob, _ = _per_sample_draws(teacher, y, proposal, m, top_t, generator, nt)
+    dcol = _rest_columns(pos_y, torch.arange(top_t, device=y.device), K).expand(-1, top_t)
+    y_a = torch.where(y_in, teacher.logits.gather(1, pos_y.clamp(max=K - 1).unsqueeze(1))
+                      .squeeze(1), rest)
+    det = torch.cat([y.long().unsqueeze(1), teacher.ids.gather(1, dcol)], 1)
+    det_a = torch.cat([y_a.unsqueeze(1), teacher.logits.gather(1, dcol)], 1)
+    if proposal.rank_based:
+        is_tail, col, o = _rank_columns(teacher, proposal, m, top_t, generator, pos_y, y_in,
+                                        correction, workspace)
+    else:
+        is_tail, col, o = _teacher_columns(teacher, proposal, m, top_t, generator, pos_y, y_in,
+                                           correction)
     cls = teacher.ids.gather(1, col)
     a = teacher.logits.gather(1, col)
     if bool(is_tail.any()):
-        rows, slots, c = _shared_tail(teacher, y.long(), is_tail, generator, workspace)
-        cls[rows, slots] = c
-        a[rows, slots] = rest[rows]
-    o = _log_o(prob, m, correction).float()
+        cls = _tail_fill(teacher, y.long(), is_tail, cls, generator, workspace)
+        a = torch.where(is_tail, rest.unsqueeze(1), a)
     s = SampleSet(
         classes=torch.cat([det, cls], 1),
         log_correction=torch.cat([torch.zeros(det.shape, device=o.device), o], 1),
