@@ -13,7 +13,9 @@ median_ms``, ``bound = C / |S|`` with |S| the mean number of logit columns per s
 ``frac_of_bound = speedup_vs_full / bound``.
 
 Timing: ``warmup`` untimed steps, then ``repeats`` timed steps, each a wall-clock
-interval (CPU ops are synchronous); median, p10 and p90. World size P > 1: P gloo
+interval (CPU ops are synchronous); median, p10 and p90. ``cpu_median_ms`` is the median
+process CPU time of a step (all threads; less sensitive to other load on the machine,
+but it also counts gloo's polling at P > 1). World size P > 1: P gloo
 processes on localhost, each with its head shard and ``threads`` intra-op threads
 (default cpu_count // P); a barrier before every step; rank 0's times are reported.
 Every bench process first sets glibc's allocator to keep freed memory (:func:`tune_malloc`,
@@ -143,22 +145,25 @@ def _time(step, warmup: int, repeats: int, group) -> dict:
     for _ in range(warmup):
         barrier()
         step()
-    times, infos = [], []
+    times, cpu, infos = [], [], []
     for _ in range(repeats):
         barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         info = step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         infos.append(info)
     barrier()
     peak, how = peak_step_memory(step)
-    return {"times": times, "infos": infos, "peak_mb": peak, "peak_how": how}
+    return {"times": times, "cpu": cpu, "infos": infos, "peak_mb": peak, "peak_how": how}
 
 
 def _summary(raw: dict) -> dict:
     ms = [t * 1e3 for t in raw["times"]]
     out = {"median_ms": _pct(ms, 0.5), "p10_ms": _pct(ms, 0.1), "p90_ms": _pct(ms, 0.9),
-           "samples_ms": [round(x, 4) for x in ms], "peak_mem_mb": raw["peak_mb"],
+           "samples_ms": [round(x, 4) for x in ms],
+           "cpu_median_ms": _pct([t * 1e3 for t in raw["cpu"]], 0.5),
+           "peak_mem_mb": raw["peak_mb"],
            "peak_mem_method": raw["peak_how"],
            "rows_touched": sum(i["rows"] for i in raw["infos"]) / len(raw["infos"]),
            "kernel_path": raw["infos"][-1]["path"]}
@@ -294,6 +299,13 @@ def _find(records, C, k, method, mode, world=1):
                                         r["world_size"]) == (C, k, method, mode, world)), None)
 
 
+def _cpu_ratio(records, r) -> str:
+    full = _find(records, r["classes"], None, "full", "dense", r["world_size"])
+    if full is None or not r.get("cpu_median_ms"):
+        return ""
+    return f" (CPU-time ratio {full['cpu_median_ms'] / r['cpu_median_ms']:.1f}x)"
+
+
 def bench_targets(records: list[dict]) -> list[dict]:
     """Issue 5's targets (world size 1) from the records: {target, measured, met}; met is
     None when the run lacks the cases."""
@@ -309,7 +321,7 @@ def bench_targets(records: list[dict]) -> list[dict]:
         add(f"dis {mode} C={C} k={k}: speedup >= {need:g}x", v,
             None if v is None else v >= need,
             "" if r is None else f"bound {r['bound']:.1f}x, {r['median_ms']:.2f} ms vs "
-                                 f"full {r['full_median_ms']:.1f} ms")
+                                 f"full {r['full_median_ms']:.1f} ms{_cpu_ratio(records, r)}")
     big, ref = _find(records, 10 ** 6, 1000, "dis", "batch_shared"), \
         _find(records, 10_000, 1000, "dis", "batch_shared")
     v = None if big is None or ref is None else big["median_ms"] / ref["median_ms"]

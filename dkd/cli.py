@@ -123,6 +123,49 @@ def report(runs: List[Path] = typer.Argument(..., help="Run directories (runs/<n
     typer.echo(f"report: {path}")
 
 
+bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                        help="Benchmarks that print ratios measured in one run.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("softmax")
+def bench_softmax(classes: str = typer.Option("751,10000,100000", help="Class counts C."),
+                  k: str = typer.Option("20,120,1000", help="Draws m (k >= C is skipped)."),
+                  batch: int = typer.Option(256, help="Global batch B."),
+                  dim: int = typer.Option(512, help="Feature dimension d."),
+                  world_sizes: str = typer.Option("1,2", help="Ranks P (gloo processes)."),
+                  methods: str = typer.Option("uniform,ftis,dis", help="Sampled methods."),
+                  modes: str = typer.Option("batch_shared,per_sample", help="Application modes."),
+                  warmup: int = typer.Option(2, help="Untimed steps per case."),
+                  repeats: int = typer.Option(7, help="Timed steps per case."),
+                  teacher_topk: int = typer.Option(100, help="K of the top-K teacher data."),
+                  threads: Optional[int] = typer.Option(None, help="Intra-op threads per rank."),
+                  out: Path = typer.Option(Path("bench.json"), "--out", help="JSON output; a .md table is written next to it.")):
+    """Time the head step (sampling, logits, loss, backward, head update) of full KD and of
+    every sampled method and mode, and its speedup over full KD in the same run."""
+    from dkd.bench import bench_markdown, run_softmax_bench, write_bench
+
+    try:
+        records = run_softmax_bench(_csv(classes, int), _csv(k, int), batch, dim,
+                                    _csv(world_sizes, int), _csv(methods), _csv(modes),
+                                    warmup, repeats, teacher_topk, threads=threads)
+    except ValueError as err:
+        _fail(str(err))
+    md = write_bench(records, str(out))
+    typer.echo(bench_markdown(records))
+    typer.echo(f"wrote {out} and {md}")
+
+
+@bench_app.command("timer")
+def bench_timer(steps: int = typer.Option(500, help="Steps measured."),
+                regions: int = typer.Option(7, help="Timed regions per step (the trainer uses 7).")):
+    """Per-step cost of the per-iteration region timer: enabled minus disabled."""
+    from dkd.profiling.timers import measure_timer_overhead
+
+    res = measure_timer_overhead("cpu", steps=steps, regions_per_step=regions)
+    typer.echo(json.dumps({k: round(v, 4) for k, v in res.items()}))
+
+
 def main() -> None:
     try:
         app()

@@ -357,16 +357,32 @@ def _non_target(teacher: TopKTeacher, y: torch.Tensor, t: int | None = None):
     return teacher.ids.gather(1, col), teacher.logits.gather(1, col), pos_y, y_in
 
 
-def _outside_rows(c, rows, ids, lo, hi, generator, y=None):
-    """Re-draw c (r,) uniformly in [lo, hi) until c ∉ ids[rows] (and != y[rows]):
+def _in_rows(c, rows, teacher, workspace, y=None):
+    """(r,) bool: c_i ∈ top-K of row rows_i (or == y[rows_i]). Many queries: through the
+    slot map, O(B·K + r log r); few: a direct (r, K) comparison."""
+    if c.numel() > 64:
+        u = torch.unique(c)
+        hit, col = _topk_hits(teacher.ids, u, workspace, teacher.num_classes)
+        C, K = teacher.num_classes, teacher.k
+        keys = torch.sort(torch.div(hit, K, rounding_mode="floor") * C
+                          + u.index_select(0, col)).values          # (row, class) clashes
+        q = rows * C + c
+        bad = (keys.index_select(0, torch.searchsorted(keys, q).clamp_(max=max(keys.numel() - 1, 0)))
+               == q) if keys.numel() else torch.zeros_like(c, dtype=torch.bool)
+    else:
+        bad = teacher.ids.index_select(0, rows).eq(c.unsqueeze(1)).any(1)
+    if y is not None:
+        bad |= y.index_select(0, rows) == c
+    return bad
+
+
+def _outside_rows(c, rows, teacher, lo, hi, generator, y=None, workspace=None):
+    """Re-draw c (r,) uniformly in [lo, hi) until c ∉ top-K of rows (and != y[rows]):
     c becomes uniform over [lo, hi) minus that row's excluded set."""
     gdev = _gen_device(generator)
     sel = torch.arange(c.numel(), device=c.device)
     for _ in range(100_000):
-        cs, rs = c.index_select(0, sel), rows.index_select(0, sel)
-        bad = ids.index_select(0, rs).eq(cs.unsqueeze(1)).any(1)
-        if y is not None:
-            bad |= y.index_select(0, rs) == cs
+        bad = _in_rows(c.index_select(0, sel), rows.index_select(0, sel), teacher, workspace, y)
         sel = sel[bad]
         if not sel.numel():
             return c
@@ -390,7 +406,8 @@ def _range_mass(teacher, pk, tail, lo, hi):
     return ((pk * inside).sum(1) + tail * n_tail).mean()
 
 
-def _draw_mixture(teacher, pk, tail, det, lo, hi, m, accept, generator, exact_accept=None):
+def _draw_mixture(teacher, pk, tail, det, lo, hi, m, accept, generator, exact_accept=None,
+                  workspace=None):
     """m i.i.d. draws from r̄ restricted to [lo, hi) \\ D; accept = that mass / r̄([lo, hi))
     sizes the candidate batches (None: start at 1 and learn it from the rejections; if a
     round keeps nothing, ``exact_accept()`` is asked, and 0 there means no draws at all).
@@ -418,7 +435,8 @@ def _draw_mixture(teacher, pk, tail, det, lo, hi, m, accept, generator, exact_ac
         if bool(tl.any()):
             sel = tl.nonzero().squeeze(1)
             u = torch.randint(lo, hi, (sel.numel(),), generator=generator, device=gdev).to(dev)
-            c[sel] = _outside_rows(u, b.index_select(0, sel), teacher.ids, lo, hi, generator)
+            c[sel] = _outside_rows(u, b.index_select(0, sel), teacher, lo, hi, generator,
+                                   workspace=workspace)
         if det.numel():
             pos = torch.searchsorted(det, c).clamp_(max=det.numel() - 1)
             c = c[det.index_select(0, pos) != c]
@@ -479,7 +497,7 @@ def _batch_shared(teacher, y, proposal, m, top_t, correction, generator, workspa
     draws_raw = det.new_zeros(0)
     if nd < C:
         draws_raw = _draw_mixture(teacher, pk, tail, det, 0, C, m, None, generator,
-                                  exact_accept)
+                                  exact_accept, workspace)
     draws, counts = torch.unique(draws_raw, return_counts=True)
     cls = torch.cat([det, draws])
     a, rbar = _shared_lookup(teacher, cls, pk, tail, workspace)
@@ -539,7 +557,7 @@ def sample_stratified_topk(teacher: TopKTeacher, y: torch.Tensor, proposal: Prop
         gen = torch.Generator(device=_gen_device(generator)).manual_seed(base + 7919 * rank)
         mass_in = float(_range_mass(teacher, pk, tail, start, end))
         draws = _draw_mixture(teacher, pk, tail, det, start, end, n_s,
-                              float(R[rank]) / max(mass_in, 1e-300), gen)
+                              float(R[rank]) / max(mass_in, 1e-300), gen, workspace=workspace)
     return _finish_shared(teacher, det, det_a, draws, pk, tail, n_s,
                           math.log(max(float(R[rank]), 1e-300)), math.log(max(Z, 1e-300)),
                           correction, workspace)
@@ -618,7 +636,7 @@ def _tail_fill(teacher, y, is_tail, cls, generator, workspace):
         rows, slots = bad.nonzero(as_tuple=True)
         new = torch.randint(0, C, (rows.numel(),), generator=generator,
                             device=_gen_device(generator)).to(dev)
-        cls[rows, slots] = _outside_rows(new, rows, teacher.ids, 0, C, generator, y)
+        cls[rows, slots] = _outside_rows(new, rows, teacher, 0, C, generator, y, workspace)
     return cls
 
 
