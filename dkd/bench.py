@@ -7,16 +7,17 @@ The head step is everything the class count makes expensive (dkd/bench_cases.py)
 sampling (draws, corrections, teacher look-ups; sampled methods only), the logits,
 the loss, the backward, and the head's optimizer update. Every (class count, k, method,
 mode, world size) is one record; the full-KD step of the same class count and world size
-is its baseline, measured in the same run: ``speedup_vs_full = full_median_ms /
-median_ms``, ``bound = C / |S|`` with |S| the mean number of logit columns per sample row
-(batch_shared: the shared set over all ranks; per_sample: 1 + top_t + m), and
-``frac_of_bound = speedup_vs_full / bound``.
+is its baseline, measured in the same run (two blocks of ``repeats`` steps, before and
+after that class count's sampled cases; the median over both):
+``speedup_vs_full = full_median_ms / median_ms``; ``bound = C / |S|`` with |S| the mean
+number of logit columns per sample row (batch_shared: the shared set over all ranks;
+per_sample: 1 + top_t + m); ``frac_of_bound = speedup_vs_full / bound``.
 
 Timing: ``warmup`` untimed steps, then ``repeats`` timed steps, each a wall-clock
 interval (CPU ops are synchronous); median, p10 and p90. ``cpu_median_ms`` is the median
 process CPU time of a step (all threads; less sensitive to other load on the machine,
-but it also counts gloo's polling at P > 1). World size P > 1: P gloo
-processes on localhost, each with its head shard and ``threads`` intra-op threads
+but it also counts gloo's polling at P > 1). World size P > 1: P gloo processes on
+localhost, each with its head shard and ``threads`` intra-op threads
 (default cpu_count // P); a barrier before every step; rank 0's times are reported.
 Every bench process first sets glibc's allocator to keep freed memory (:func:`tune_malloc`,
 ``malloc`` in the records): page faults on fresh memory would otherwise dominate the
@@ -105,11 +106,11 @@ def peak_step_memory(step) -> tuple[float, str]:
 def tune_malloc() -> bool:
     """glibc: no mmap'd chunks (M_MMAP_MAX = 0) and no automatic heap trimming below
     2 GiB of free top (M_TRIM_THRESHOLD; mallopt takes a C int), so freed memory is
-    reused instead of being returned to the OS and faulted in again on the next step. On this class of VM a fresh page costs
-    ~2.4 µs (~0.6 ms per MiB): without this the full-KD step, which allocates ~1 GiB of
-    fresh B×C and C×d tensors per step at C = 1e5, spends ~40 % of its time in page
-    faults (measured 3.06 s vs 1.88 s), so the tuning makes the baseline faster and the
-    reported speedups smaller. Returns False where mallopt is unavailable."""
+    reused instead of being returned to the OS and faulted in again on the next step.
+    On this class of VM a fresh page costs ~2.4 µs (~0.6 ms per MiB): without this the
+    full-KD step, which allocates ~1 GiB of fresh B×C and C×d tensors per step at
+    C = 1e5, spends a large part of its time in page faults, so the tuning makes the
+    baseline faster and the reported speedups smaller. False where mallopt is missing."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(-4, 0)) and bool(libc.mallopt(-1, 2 ** 31 - 1))
@@ -184,56 +185,79 @@ def _cols_per_row(raw: dict, mode: str, world: int, group) -> float:
     return cols
 
 
+def _merge(a: dict, b: dict) -> dict:
+    return {"times": a["times"] + b["times"], "cpu": a["cpu"] + b["cpu"],
+            "infos": a["infos"] + b["infos"], "peak_mb": max(a["peak_mb"], b["peak_mb"]),
+            "peak_how": a["peak_how"]}
+
+
+def _full_cases(hb, C, cfg, group, base, before: dict | None) -> tuple[list[dict], dict]:
+    """Full-KD records. Called twice per class count: before the sampled cases (returns
+    the raw timings) and after them with ``before``: the baseline is the median over both
+    blocks, so a slow drift of the machine's speed during the sampled cases biases no
+    ratio. full_torch runs in the first block only."""
+    raw = _time(hb.full_step, cfg["warmup"] if before is None else 1, cfg["repeats"], group)
+    if before is None:
+        return [], raw
+    raw = _merge(before, raw)
+    s = _summary(raw)
+    full_ms = s["median_ms"]
+    recs = [dict(s, method="full")]
+    if "full_torch" in cfg["methods"]:
+        recs.append(dict(_summary(_time(hb.full_torch_step, cfg["warmup"], cfg["repeats"],
+                                        group)), method="full_torch"))
+    return [{**base, "classes": C, "k": None, "mode": "dense", **r, "cols_per_row": float(C),
+             "full_median_ms": full_ms, "speedup_vs_full": full_ms / r["median_ms"],
+             "bound": 1.0, "frac_of_bound": full_ms / r["median_ms"],
+             "state_mb": hb.state_bytes() / 2 ** 20, "full_skipped": None} for r in recs], raw
+
+
+def _sampled_cases(hb, C, cfg, group, base, world, case0) -> list[dict]:
+    """One record per (k, method, mode) of this class count, speedups not yet filled."""
+    recs, case = [], case0
+    for k in [k for k in cfg["ks"] if k < C]:
+        for method in [m for m in cfg["methods"] if m in SAMPLED]:
+            for mode in cfg["modes"]:
+                case += 1
+                prop = make_proposal(method)
+                gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + case)
+                raw = _time(lambda: hb.sampled_step(prop, mode, k, gen), cfg["warmup"],
+                            cfg["repeats"], group)
+                cols = _cols_per_row(raw, mode, world, group)
+                recs.append({**base, "classes": C, "k": k, "method": method, "mode": mode,
+                             **_summary(raw), "cols_per_row": cols,
+                             "bound": bound_of(C, cols), "state_mb": hb.state_bytes() / 2 ** 20})
+    return recs
+
+
 def _run_world(cfg: dict, group, world: int, rank: int) -> list[dict]:
     """All cases of one world size on this rank; records on rank 0 (others: [])."""
     records = []
     B, d = cfg["batch"], cfg["dim"]
     malloc = "no-trim" if tune_malloc() else "default"
     base = {"world_size": world, "batch": B, "dim": d, "teacher_topk": cfg["teacher_topk"],
-            "malloc": malloc,
-            "threads": torch.get_num_threads(), "warmup": cfg["warmup"],
+            "malloc": malloc, "threads": torch.get_num_threads(), "warmup": cfg["warmup"],
             "repeats": cfg["repeats"], "torch": torch.__version__}
-    case = 0
-    for C in cfg["classes"]:
+    for i, C in enumerate(cfg["classes"]):
         hb = HeadBench(C, B, d, cfg["teacher_topk"], cfg["seed"], group, world, rank)
         need = full_step_bytes(C, B, d)
-        skipped, full_ms = None, None
+        skipped, full_ms, first = None, None, None
         if need > cfg["budget"]:
             skipped = (f"full KD needs ~{need / 2 ** 30:.1f} GiB (C*d*4*5 + B*C*4*8) > "
                        f"budget {cfg['budget'] / 2 ** 30:.1f} GiB")
         else:
-            fulls = [("full", hb.full_step)]
-            if "full_torch" in cfg["methods"]:
-                fulls.append(("full_torch", hb.full_torch_step))
-            for name, fn in fulls:
-                s = _summary(_time(fn, cfg["warmup"], cfg["repeats"], group))
-                full_ms = s["median_ms"] if name == "full" else full_ms
-                records.append({**base, "classes": C, "k": None, "method": name,
-                                "mode": "dense", **s, "cols_per_row": float(C),
-                                "full_median_ms": full_ms,
-                                "speedup_vs_full": full_ms / s["median_ms"], "bound": 1.0,
-                                "frac_of_bound": full_ms / s["median_ms"],
-                                "state_mb": hb.state_bytes() / 2 ** 20, "full_skipped": None})
+            first = _full_cases(hb, C, cfg, group, base, None)[1]
+        sampled = _sampled_cases(hb, C, cfg, group, base, world, 1000 * i)
+        if first is not None:
+            fulls, _ = _full_cases(hb, C, cfg, group, base, first)
+            full_ms = fulls[0]["median_ms"]
+            records += fulls
             hb.release_full()
-        for k in [k for k in cfg["ks"] if k < C]:
-            for method in [m for m in cfg["methods"] if m in SAMPLED]:
-                for mode in cfg["modes"]:
-                    case += 1
-                    prop = make_proposal(method)
-                    gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + case)
-                    raw = _time(lambda: hb.sampled_step(prop, mode, k, gen), cfg["warmup"],
-                                cfg["repeats"], group)
-                    cols = _cols_per_row(raw, mode, world, group)
-                    s = _summary(raw)
-                    bound = bound_of(C, cols)
-                    speed = None if full_ms is None else full_ms / s["median_ms"]
-                    records.append({**base, "classes": C, "k": k, "method": method,
-                                    "mode": mode, **s, "cols_per_row": cols,
-                                    "full_median_ms": full_ms, "speedup_vs_full": speed,
-                                    "bound": bound,
-                                    "frac_of_bound": None if speed is None else speed / bound,
-                                    "state_mb": hb.state_bytes() / 2 ** 20,
-                                    "full_skipped": skipped})
+        for r in sampled:
+            speed = None if full_ms is None else full_ms / r["median_ms"]
+            r.update(full_median_ms=full_ms, speedup_vs_full=speed, full_skipped=skipped,
+                     frac_of_bound=None if speed is None else speed / r["bound"])
+        records += sampled
         del hb
         gc.collect()
         _malloc_trim()          # hand this class count's memory back before the next one

@@ -161,6 +161,10 @@ class MethodConfig(_Section):
     stratified: bool = True
     """On P > 1 ranks, batch_shared: each rank draws its share of m from its own shard
     (counts agreed through the shared seed). False: one global set, masked per rank."""
+    sampling_topk: int = Field(256, ge=1)
+    """Sampled methods with C above this see the teacher as its top-K classes plus the
+    KD-topk completion (the rest spread evenly): sampling costs O(B K), not a B x C sort.
+    C <= this: the exact teacher ranking is used."""
     correction: Literal["expected", "paper"] = "expected"
     """Log correction of sampled classes: log(m r) (consistent) or Algorithm 1 as printed."""
     sim_temperature: float = Field(0.1, gt=0)

@@ -28,7 +28,8 @@ def test_records_complete_and_sane(records):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
         assert r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
         assert r["peak_mem_mb"] >= 0 and math.isfinite(r["peak_mem_mb"])
-        assert r["speedup_vs_full"] == pytest.approx(r["full_median_ms"] / r["median_ms"], rel=1e-12)
+        assert r["speedup_vs_full"] == pytest.approx(r["full_median_ms"] / r["median_ms"],
+                                                     rel=1e-12)
         assert r["frac_of_bound"] == pytest.approx(r["speedup_vs_full"] / r["bound"], rel=1e-12)
         assert r["full_skipped"] is None
         if r["method"] == "full":

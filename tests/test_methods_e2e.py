@@ -11,6 +11,9 @@ METHODS = {
     "kd_topk": SAMPLED, "pdbs": SAMPLED, "uniform": SAMPLED, "ftis": SAMPLED, "dis": SAMPLED,
     "dis_per_sample": [*SAMPLED, "method.mode=per_sample", "method.name=dis"],
     "dis_paper": [*SAMPLED, "method.correction=paper", "method.name=dis"],
+    "dis_topk_teacher": [*SAMPLED, "method.sampling_topk=8", "method.name=dis"],
+    "ftis_topk_per_sample": [*SAMPLED, "method.sampling_topk=8", "method.mode=per_sample",
+                             "method.name=ftis"],
 }
 
 

@@ -23,6 +23,9 @@ def test_topk_store_serves_sampled_methods_and_refuses_full_ones(tmp_path, teach
     run_cli(["relabel"], [*TINY, f"teacher.checkpoint={teacher_dir}", f"teacher.store={store}",
                           "teacher.store_topk=5", "teacher.store_full_threshold=0"])
     train_run(tmp_path, "dis", "method.name=dis", "method.k=5", f"teacher.store={store}")
+    # the store's top-K goes to the sampler directly (no dense completion), on 2 ranks
+    train_run(tmp_path, "dis_topk", "method.name=dis", "method.k=5", f"teacher.store={store}",
+              "method.sampling_topk=4", nproc=2)
     for method in ("pdbs", "kd"):
         proc = train_run(tmp_path, method, f"method.name={method}", "method.k=5",
                          f"teacher.store={store}", check=False)

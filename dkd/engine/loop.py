@@ -29,6 +29,7 @@ from dkd.engine.sync import check_proposal_sync
 from dkd.logging.progress import make_progress
 from dkd.logging.sinks import make_sinks
 from dkd.profiling.timers import RegionTimer
+from dkd.sampling.topk_sampler import TopKTeacher
 from dkd.profiling.trace import maybe_profile
 from dkd.teacher.live import export_model
 
@@ -77,15 +78,26 @@ def micro_step(p: TrainParts, cfg: RunConfig, micro: int, timer: RegionTimer) ->
     local_ids = ids[local_slice(len(ids), ctx.world, ctx.rank)]
     x, y = p.data.train.get(local_ids)
     x, y = x.to(ctx.device), y.to(ctx.device)
+    K = p.layer.teacher_topk  # sampled methods at large C need only the teacher's top-K
     with timer.region("teacher"):
-        t_local = p.teacher.logits(x, local_ids) if p.teacher is not None else None
+        if p.teacher is None:
+            t_local = None
+        elif K:
+            t_local = p.teacher.topk(x, local_ids, K)
+        else:
+            t_local = p.teacher.logits(x, local_ids)
     with timer.region("backbone_fwd"):
         f_local = p.engine(x if p.data.task == "text" else x.to(p.dtype))
     sizes = [len(range(len(ids))[local_slice(len(ids), ctx.world, r)]) for r in range(ctx.world)]
     with timer.region("comm"):
         feats = gather_rows(f_local, group, float(ctx.world), sizes)    # (B, d)
         y_g = gather_rows_nograd(y, group, sizes)
-        t_g = gather_rows_nograd(t_local, group, sizes) if t_local is not None else None
+        t_g = t_local
+        if isinstance(t_local, tuple):
+            ids_g, val_g, lse_g = (gather_rows_nograd(t, group, sizes) for t in t_local)
+            t_g = TopKTeacher(ids_g, val_g, lse_g, p.data.num_classes)
+        elif t_local is not None:
+            t_g = gather_rows_nograd(t_local, group, sizes)
     # The head and loss run on a detached fp32 copy of the features, so their forward and
     # backward are timed apart from the backbone; the backbone then receives the feature
     # gradient through the surrogate loss <feats, dL/dfeats> (the engine divides it by

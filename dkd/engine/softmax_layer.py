@@ -27,6 +27,7 @@ from dkd.losses.softmax import full_kd_terms, mix, softmax_probs
 from dkd.sampling.proposals import Proposal, build_proposal, teacher_ranking
 from dkd.sampling.sampler import SampleSet, sample_classes
 from dkd.sampling.stratified import sample_stratified
+from dkd.sampling.topk_sampler import TopKTeacher, sample_classes_topk, sample_stratified_topk
 
 
 def build_method_proposal(cfg: MethodConfig, total_steps: int) -> Proposal | None:
@@ -78,6 +79,10 @@ class SoftmaxLayer:
         self.cfg, self.C, self.start, self.end, self.group = cfg, num_classes, start, end, group
         self.proposal = build_method_proposal(cfg, total_steps)
         self.kernel_path = kernel_path
+        self.workspace: dict = {}  # scratch the top-K sampler keeps across steps
+        # > 0: the engine hands sampled methods the teacher's top-K, not (B, C) logits.
+        self.teacher_topk = (cfg.sampling_topk if cfg.name in SAMPLED_METHODS
+                             and cfg.sampling_topk < num_classes else 0)
         world = group_size(group)
         self.bounds = shard_bounds(num_classes, world)
         # Sharded batch-shared sampling draws per rank (stratified) unless told otherwise.
@@ -104,6 +109,35 @@ class SoftmaxLayer:
         return out
 
     # -- sampled methods -------------------------------------------------------------
+    def _draw(self, teacher_logits, y, generator):
+        """The step's sample set and the teacher logits at its columns, (B, n).
+
+        With C > method.sampling_topk the engine passes the teacher as a TopKTeacher (its
+        top-K per sample, computed where the teacher runs, and the log-sum-exp), with the
+        KD-topk completion for the other classes: sampling then costs O(B K + B n), no
+        B x C sort, and ranks beyond K are exchangeable, as in a top-K store.
+        """
+        cfg = self.cfg
+        if isinstance(teacher_logits, TopKTeacher):
+            t = teacher_logits
+            if self.stratified:
+                return sample_stratified_topk(t, y, self.proposal, cfg.k, self.bounds,
+                                              group_rank(self.group), top_t=cfg.top_t,
+                                              correction=cfg.correction, generator=generator,
+                                              workspace=self.workspace)
+            return sample_classes_topk(t, y, self.proposal, cfg.k, mode=cfg.mode,
+                                       top_t=cfg.top_t, correction=cfg.correction,
+                                       generator=generator, workspace=self.workspace,
+                                       return_teacher=True)
+        if self.stratified:
+            s = sample_stratified(teacher_logits, y, self.proposal, cfg.k, self.bounds,
+                                  group_rank(self.group), top_t=cfg.top_t,
+                                  correction=cfg.correction, generator=generator)
+        else:
+            s = sample_classes(teacher_logits, y, self.proposal, cfg.k, mode=cfg.mode,
+                               top_t=cfg.top_t, correction=cfg.correction, generator=generator)
+        return s, s.gather(teacher_logits)
+
     def _local_columns(self, s: SampleSet):
         """Local row ids of the sampled classes this rank owns, and the ownership mask."""
         own = (s.classes >= self.start) & (s.classes < self.end)
@@ -112,16 +146,9 @@ class SoftmaxLayer:
 
     def _sampled(self, feats, head, y, teacher_logits, generator, lam, T):
         with self.region("sampling"):
-            if self.stratified:
-                s = sample_stratified(teacher_logits, y, self.proposal, self.cfg.k,
-                                      self.bounds, group_rank(self.group), top_t=self.cfg.top_t,
-                                      correction=self.cfg.correction, generator=generator)
-            else:
-                s = sample_classes(teacher_logits, y, self.proposal, self.cfg.k,
-                                   mode=self.cfg.mode, top_t=self.cfg.top_t,
-                                   correction=self.cfg.correction, generator=generator)
+            s, a = self._draw(teacher_logits, y, generator)
             local, own = self._local_columns(s)
-            o, a = s.log_correction, s.gather(teacher_logits)
+            o = s.log_correction
         if s.classes.dim() == 1:
             # batch_shared: keep only owned columns, so this rank's GEMM is (B, d)(d, n_s).
             keep = own.nonzero().squeeze(1)

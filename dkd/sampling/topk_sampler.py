@@ -66,7 +66,8 @@ class TopKTeacher:
             raise ValueError(f"ids and logits must both be (B, K), got {tuple(self.ids.shape)}"
                              f" and {tuple(self.logits.shape)}")
         if self.lse.shape != self.ids.shape[:1]:
-            raise ValueError(f"lse must be (B,) = ({self.ids.shape[0]},), got {tuple(self.lse.shape)}")
+            raise ValueError(f"lse must be (B,) = ({self.ids.shape[0]},), "
+                             f"got {tuple(self.lse.shape)}")
         if not 1 <= self.ids.shape[1] <= self.num_classes:
             raise ValueError(f"K must satisfy 1 <= K <= num_classes = {self.num_classes}, "
                              f"got {self.ids.shape[1]}")
@@ -258,10 +259,18 @@ def _row_probs(teacher: TopKTeacher, proposal: Proposal, workspace=None):
         raise ValueError(f"proposal {proposal.name!r} is neither rank-based nor the teacher "
                          f"proposal; the top-K sampler supports uniform, dis and ftis")
     T, eps = proposal.temperature, getattr(proposal, "eps", 0.0)
-    lz = teacher.log_partition(T).unsqueeze(1)
-    pk = (1.0 - eps) * torch.exp(teacher.logits.double() / T - lz) + eps / C
-    tail = (1.0 - eps) * torch.exp(teacher.rest_logit().unsqueeze(1) / T - lz) + eps / C
-    return pk, tail.squeeze(1)
+    lt = teacher.logits.double() / T                                   # (B, K)
+    if K < C:
+        rt = teacher.rest_logit() / T                                  # (B,)
+        lz = torch.logsumexp(torch.cat([lt, (rt + math.log(C - K)).unsqueeze(1)], 1), 1)
+        tail = torch.exp(rt - lz)
+    else:
+        lz = torch.logsumexp(lt, 1)
+        tail = torch.zeros_like(lz)
+    pk = torch.exp(lt - lz.unsqueeze(1))
+    if eps:
+        pk, tail = (1.0 - eps) * pk + eps / C, (1.0 - eps) * tail + eps / C
+    return pk, tail
 
 
 def _slot_map(workspace: dict | None, C: int, device) -> torch.Tensor:
@@ -334,9 +343,8 @@ def _gen_device(generator):
 
 def _target_pos(teacher: TopKTeacher, y: torch.Tensor):
     """(pos_y (B,) column of the target in the top-K, K if absent; y_in (B,) bool)."""
-    eq = teacher.ids == y.long().unsqueeze(1)
-    y_in = eq.any(1)
-    return torch.where(y_in, eq.int().argmax(1), teacher.k), y_in
+    y_in, pos = (teacher.ids == y.long().unsqueeze(1)).max(1)   # ids are distinct per row
+    return torch.where(y_in, pos, teacher.k), y_in
 
 
 def _rest_columns(pos_y: torch.Tensor, ranks: torch.Tensor, K: int) -> torch.Tensor:
@@ -367,8 +375,11 @@ def _in_rows(c, rows, teacher, workspace, y=None):
         keys = torch.sort(torch.div(hit, K, rounding_mode="floor") * C
                           + u.index_select(0, col)).values          # (row, class) clashes
         q = rows * C + c
-        bad = (keys.index_select(0, torch.searchsorted(keys, q).clamp_(max=max(keys.numel() - 1, 0)))
-               == q) if keys.numel() else torch.zeros_like(c, dtype=torch.bool)
+        if keys.numel():
+            pos = torch.searchsorted(keys, q).clamp_(max=keys.numel() - 1)
+            bad = keys.index_select(0, pos) == q
+        else:
+            bad = torch.zeros_like(c, dtype=torch.bool)
     else:
         bad = teacher.ids.index_select(0, rows).eq(c.unsqueeze(1)).any(1)
     if y is not None:
@@ -542,8 +553,11 @@ def sample_stratified_topk(teacher: TopKTeacher, y: torch.Tensor, proposal: Prop
     _check(teacher, y, m, top_t, "batch_shared", correction)
     pk, tail, det, det_a, r_det, total = _shared_setup(teacher, y, proposal, top_t, workspace)
     own_d = owner_of(det, teacher.num_classes, len(bounds))
-    R = torch.stack([_range_mass(teacher, pk, tail, s, e) for s, e in bounds])
-    R = (R - torch.zeros_like(R).index_add_(0, own_d, r_det)).clamp_min(0.0)  # r̄(shard \ D)
+    R_all = torch.stack([_range_mass(teacher, pk, tail, s, e) for s, e in bounds])
+    R = (R_all - torch.zeros_like(R_all).index_add_(0, own_d, r_det)).clamp_min(0.0)  # r̄(shard \ D)
+    # When D covers (almost) a whole shard the subtraction leaves rounding dust, not mass:
+    # drawing from it would reject forever.
+    R = torch.where(R > 1e-9 * R_all.sum(), R, torch.zeros_like(R))
     Z = float(R.sum())
     counts = (stratified_counts(R, m, generator) if Z > 0
               else torch.zeros(len(bounds), dtype=torch.long))
@@ -596,25 +610,27 @@ def _teacher_columns(teacher, proposal, m, top_t, generator, pos_y, y_in, correc
     n_tail = C - K - (~y_in).long()
     pk, tail = _row_probs(teacher, proposal)
     P = torch.cat([pk, (tail * n_tail).unsqueeze(1)], 1)
-    j = torch.arange(top_t, device=dev).expand(B, top_t)
-    dcols = torch.cat([j + (j >= pos_y.unsqueeze(1)).long(), pos_y.unsqueeze(1)], 1)
-    P = P.scatter(1, dcols.clamp(max=K), 0.0)           # D_b (a target outside the top-K
-    P[:, K] = tail * n_tail                               # points at the tail: restore it)
+    dcols = pos_y.unsqueeze(1)                            # D_b: the target and the top-t
+    if top_t:
+        j = _rest_columns(pos_y, torch.arange(top_t, device=dev), K).expand(B, top_t)
+        dcols = torch.cat([j, dcols], 1)
+    P.scatter_(1, dcols, 0.0)                 # (a target outside the top-K points at the
+    P[:, K] = tail * n_tail                   # tail column: restore it)
     total = P.sum(1, keepdim=True)
     if bool((total <= 0).any()):        # all mass on D: uniform over C \ D_b (dense does too)
-        U = torch.ones_like(P).scatter(1, dcols.clamp(max=K), 0.0)
+        U = torch.ones_like(P).scatter(1, dcols, 0.0)
         U[:, K] = n_tail.double()
         P = torch.where(total <= 0, U, P)
         total = P.sum(1, keepdim=True)
-    P = P / total
     draw = torch.multinomial(P.to(_gen_device(generator)), m, replacement=True,
-                             generator=generator).to(dev)
-    logp = torch.log(P)
-    logp[:, K] -= torch.log(n_tail.clamp_min(1).double())    # per tail class
+                             generator=generator).to(dev)            # (unnormalised P)
+    is_tail = draw == K
+    log_den = torch.log(total)                                        # (B, 1)
     if correction == "expected":
-        logp += math.log(m)
-    o = logp.float().gather(1, draw)
-    return draw == K, draw.clamp(max=K - 1), o
+        log_den = log_den - math.log(m)
+    o = torch.log(P.gather(1, draw)) - log_den                        # log(m p) per entry
+    o = o - is_tail * torch.log(n_tail.clamp_min(1).double()).unsqueeze(1)  # per tail class
+    return is_tail, draw.clamp(max=K - 1), o.float()
 
 
 def _tail_fill(teacher, y, is_tail, cls, generator, workspace):

@@ -45,6 +45,13 @@ class LiveTeacher:
         self.path = path
 
     @torch.no_grad()
+    def topk(self, x: torch.Tensor, ids: torch.Tensor | None, k: int):
+        """The teacher's top-k per sample: (ids (B, k), logits (B, k), lse (B,))."""
+        z = self.logits(x)
+        vals, idx = z.topk(k, dim=1)
+        return idx, vals, torch.logsumexp(z, 1)
+
+    @torch.no_grad()
     def logits(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """(B, input_dim) -> teacher logits (B, C); ``ids`` (sample ids) are not needed."""
         return self.backbone(x) @ self.head_weight.T

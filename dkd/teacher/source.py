@@ -24,6 +24,12 @@ class StoreTeacher:
     def logits(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return self.store.dense_logits(ids, allow_topk_completion=True).to(x.device)
 
+    def topk(self, x: torch.Tensor, ids: torch.Tensor, k: int):
+        """(ids (B, k'), logits (B, k'), lse (B,)), k' = min(k, the store's K): no B x C."""
+        batch = self.store.get(ids)
+        k = min(k, batch.topk_ids.shape[1]) if batch.topk_ids is not None else k
+        return tuple(t.to(x.device) for t in batch.topk(k))
+
 
 def _open_store(cfg: RunConfig, num_samples: int, num_classes: int) -> SoftLabelStore:
     store = SoftLabelStore(cfg.teacher.store, expect_dataset=dataset_fingerprint(cfg.data),
