@@ -17,6 +17,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="dkd: knowledge distillation with a class-sharded, sampled softmax layer.")
 
 
+def _hard_exit() -> None:
+    """Exit 0 without C++ static destructors. Everything is written (atomically) and the
+    process group is destroyed by now, but gloo / DeepSpeed's shared-memory comm threads
+    can still abort the interpreter's teardown on some ranks ("terminate called without
+    an active exception"), which the launcher would report as a failed job."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _fail(msg: str) -> None:
     typer.echo(f"dkd: error: {msg}", err=True)
     raise typer.Exit(2)
@@ -42,6 +52,7 @@ def train(config: Optional[Path] = typer.Option(None, "--config", "-c",
         _fail(str(err))
     if os.environ.get("RANK", "0") == "0":
         typer.echo(f"run directory: {run_dir}")
+    _hard_exit()
 
 
 @app.command()
@@ -62,6 +73,7 @@ def relabel(config: Optional[Path] = typer.Option(None, "--config", "-c", help="
         _fail(str(err))
     if os.environ.get("RANK", "0") == "0":
         typer.echo(f"soft-label store: {path}")
+    _hard_exit()
 
 
 @app.command("eval")
