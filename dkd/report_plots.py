@@ -91,8 +91,8 @@ def plot_proposal(run: "RunData", path: Path, max_curves: int = 12) -> bool:
     rows = [r for r in run.proposal if r.get("rank_probs")]
     if not rows:
         return False
-    idx = sorted({round(i * (len(rows) - 1) / max(1, max_curves - 1))
-                  for i in range(min(max_curves, len(rows)))})
+    n = min(max_curves, len(rows))  # evenly spaced snapshots, first and last included
+    idx = sorted({round(i * (len(rows) - 1) / max(1, n - 1)) for i in range(n)})
     rows = [rows[i] for i in idx]
     steps = [float(r.get("step", i)) for i, r in enumerate(rows)]
     lo, hi = min(steps), max(steps)
