@@ -1,5 +1,6 @@
 """Real torchrun launches with gloo on CPU: multi-rank equals single rank, resharding
 resume, the multi-node path, and failures that must not hang."""
+import json
 import os
 import shutil
 import socket
@@ -103,3 +104,19 @@ def test_deepspeed_launcher_runs_two_ranks(tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert summary(tmp_path / "ds")["world_size"] == 2
+
+
+def test_zero2_with_accumulation_and_clipping_on_two_ranks(tmp_path, teacher_dir):
+    train_run(tmp_path, "z2", "method.name=dis", "method.k=5", f"teacher.checkpoint={teacher_dir}",
+              "dist.zero_stage=2", "dist.grad_accum=2", "dist.grad_clip=1.0",
+              "train.steps=6", nproc=2)
+    ds = json.loads((tmp_path / "z2" / "deepspeed_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_accumulation_steps"] == 2
+    assert ds["gradient_clipping"] == 1.0 and summary(tmp_path / "z2")["steps"] == 6
+
+
+def test_resume_with_a_different_class_count_is_refused(tmp_path):
+    train_run(tmp_path, "c", "method.name=hard", "train.steps=4", "train.ckpt_every=2")
+    proc = train_run(tmp_path, "c", "method.name=hard", "train.steps=4",
+                     "data.num_classes=30", extra=["--resume"], check=False)
+    assert proc.returncode != 0 and "head has 20 classes, this run has 30" in proc.stderr

@@ -4,6 +4,7 @@ row-sparse optimizer, and the softmax layer of the chosen method."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from dkd.config import ConfigError, RunConfig
 from dkd.data import DataBundle, build_data
 from dkd.engine.distributed import DistContext
+from dkd.engine.rundir import atomic_write_json
 from dkd.engine.schedule import build_optimizer
 from dkd.engine.softmax_layer import SoftmaxLayer
 from dkd.head.head import ShardedHead
@@ -80,14 +82,18 @@ def check_inputs(cfg: RunConfig, ctx: DistContext) -> tuple[DataBundle, Any]:
     return data, build_teacher(cfg, data, ctx.device)
 
 
-def assemble(cfg: RunConfig, ctx: DistContext, data: DataBundle, teacher) -> TrainParts:
+def assemble(cfg: RunConfig, ctx: DistContext, data: DataBundle, teacher,
+             run_dir: Path) -> TrainParts:
     import deepspeed
 
     torch.manual_seed(cfg.seed)  # same backbone init on every rank and every world size
     backbone = build_backbone(cfg.model, data.input_dim, **data.backbone_kwargs()).to(ctx.device)
     optimizer = build_optimizer(backbone.parameters(), cfg.optim)
+    ds_config = deepspeed_config(cfg, ctx)
+    if ctx.is_rank0:  # the DeepSpeed config is derived, never edited: kept for the record
+        atomic_write_json(run_dir / "deepspeed_config.json", ds_config)
     engine, _, _, _ = deepspeed.initialize(model=backbone, optimizer=optimizer,
-                                           config=deepspeed_config(cfg, ctx))
+                                           config=ds_config)
     head = ShardedHead(data.num_classes, cfg.model.feature_dim, ctx.group,
                        init_std=(3 * cfg.model.feature_dim) ** -0.5, seed=cfg.seed, device=ctx.device)
     layer = SoftmaxLayer(cfg.method, data.num_classes, head.start, head.end, ctx.group,

@@ -146,7 +146,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
     ctx = init_distributed(cfg.dist.device, cfg.dist.timeout_s)
     data, teacher = check_inputs(cfg, ctx)
     run_dir = _agree_run_dir(cfg, ctx, resume, overwrite)
-    p = assemble(cfg, ctx, data, teacher)
+    p = assemble(cfg, ctx, data, teacher, run_dir)
     start_step = _resume(p, run_dir) if resume else 0
     sinks = make_sinks(run_dir, cfg.model_dump(mode="json"), cfg.wandb, ctx.is_rank0)
     t_start = time.perf_counter()
