@@ -58,7 +58,7 @@ from dkd.bench_cases import HeadBench, bound_of, full_step_bytes, make_proposal
 DEFAULT_CLASSES = [751, 10_000, 100_000]
 DEFAULT_KS = [20, 120, 1000]
 SAMPLED = ("uniform", "ftis", "dis")
-MODES = ("batch_shared", "per_sample")
+MODES = ("batch_shared", "per_sample", "hybrid")
 
 
 # ---------------------------------------------------------------- memory probes
@@ -339,7 +339,7 @@ def bench_targets(records: list[dict]) -> list[dict]:
         out.append({"target": name, "measured": value, "met": ok, "detail": text})
 
     for C, k, mode, need in ((100_000, 1000, "batch_shared", 50.0), (751, 20, "per_sample", 4.0),
-                             (751, 20, "batch_shared", 4.0), (100_000, 120, "per_sample", 10.0)):
+                             (751, 20, "batch_shared", 4.0), (751, 20, "hybrid", 4.0), (100_000, 120, "per_sample", 10.0)):
         r = _find(records, C, k, "dis", mode)
         v = None if r is None else r["speedup_vs_full"]
         add(f"dis {mode} C={C} k={k}: speedup >= {need:g}x", v,

@@ -14,7 +14,7 @@ the features. Each step function runs one complete head step and returns what it
 * :meth:`HeadBench.sampled_step` — sampling from the top-K teacher
   (``sample_classes_topk`` / ``sample_stratified_topk``: draws, corrections, teacher
   logits at the sampled columns), the local columns of this shard, features all-gathered,
-  ``logits_sampled`` (kernel path ``auto``), ``sampled_kd_terms`` + ``mix``, backward,
+  ``logits_sampled`` (kernel path ``auto``), ``sampled_kd_loss`` (fused), backward,
   ``apply_grads`` (lazy Adam on the touched rows). The sampling part is timed separately.
 
 Labels and teacher data are replicated on every rank (they are all-gathered upstream,
@@ -27,9 +27,10 @@ import time
 import torch
 
 from dkd.dist.functional import gather_rows
+from dkd.engine.softmax_layer import hybrid_loss
 from dkd.head.head import ShardedHead
 from dkd.head.shard import shard_bounds
-from dkd.losses.sampled import sampled_kd_terms
+from dkd.losses.sampled import sampled_kd_loss
 from dkd.losses.softmax import full_kd_terms, mix
 from dkd.losses.targets import kd_target
 from dkd.sampling.proposals import build_proposal
@@ -162,14 +163,21 @@ class HeadBench:
         s, a, local, mask = self._sample(proposal, mode, k, generator)
         sampling_s = time.perf_counter() - t0
         feats = self._features()
+        if s.mode == "hybrid":
+            hybrid_loss(feats, self.head, s, a, local, mask, LAM, TEMPERATURE,
+                        self.group)["loss"].backward()
+            rows = self.head._pending[-1].rows.numel() if self.head._pending else 0
+            self.head.apply_grads(self.opt)
+            return {"sampling_s": sampling_s, "cols": s.num_columns, "rows": rows,
+                    "path": self.head.last_path}
         # batch-shared columns are unique by construction (D, then draws outside D, merged)
         z = self.head.logits_sampled(feats, local, "auto", unique=local.dim() == 1)
         cls = s.classes if s.classes.dim() == 2 else s.classes.unsqueeze(0)
         tgt = (cls == self.y.unsqueeze(1)) & s.deterministic
         if mask is not None:
             tgt = tgt & mask
-        terms = sampled_kd_terms(z, a, s.log_correction, TEMPERATURE, tgt, mask, self.group)
-        mix(terms, LAM, TEMPERATURE)["loss"].backward()
+        sampled_kd_loss(z, a, s.log_correction, TEMPERATURE, LAM, tgt, mask,
+                        self.group)["loss"].backward()
         rows = self.head._pending[-1].rows.numel() if self.head._pending else 0
         self.head.apply_grads(self.opt)
         return {"sampling_s": sampling_s, "cols": s.num_columns, "rows": rows,

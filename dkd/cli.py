@@ -147,7 +147,7 @@ def bench_softmax(classes: str = typer.Option("751,10000,100000", help="Class co
                   dim: int = typer.Option(512, help="Feature dimension d."),
                   world_sizes: str = typer.Option("1,2", help="Ranks P (gloo processes)."),
                   methods: str = typer.Option("uniform,ftis,dis", help="Sampled methods."),
-                  modes: str = typer.Option("batch_shared,per_sample", help="Application modes."),
+                  modes: str = typer.Option("batch_shared,per_sample,hybrid", help="Application modes."),
                   warmup: int = typer.Option(2, help="Untimed steps per case."),
                   repeats: int = typer.Option(7, help="Timed steps per case."),
                   teacher_topk: int = typer.Option(100, help="K of the top-K teacher data."),

@@ -156,8 +156,10 @@ class MethodConfig(_Section):
     """Classes per sample for pdbs / kd_topk, and sampled draws m for uniform/ftis/dis."""
     top_t: int = Field(0, ge=0)
     """Teacher top-t classes always included (deterministic set) by sampled methods."""
-    mode: Literal["per_sample", "batch_shared"] = "batch_shared"
-    """How a proposal is applied: the paper's per-sample ranks, or one set for the batch."""
+    mode: Literal["per_sample", "batch_shared", "hybrid"] = "batch_shared"
+    """How a proposal is applied: the paper's per-sample ranks; one set for the batch (every
+    target of the batch is a column); or hybrid: each row's own target (+ top-t) plus m
+    draws shared by the batch (cheapest when the batch's targets cover much of C)."""
     stratified: bool = True
     """On P > 1 ranks, batch_shared: each rank draws its share of m from its own shard
     (counts agreed through the shared seed). False: one global set, masked per rank."""

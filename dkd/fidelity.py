@@ -116,7 +116,7 @@ def _configs(methods, modes, corrections, k, C):
 
 def run_fidelity(classes: int, batch: int, ks, dim: int = 64, seeds: int = 3,
                  methods=("uniform", "ftis", "dis", "pdbs"),
-                 modes=("per_sample", "batch_shared"), corrections=("expected", "paper"),
+                 modes=("per_sample", "batch_shared", "hybrid"), corrections=("expected", "paper"),
                  temperature: float = 4.0, lam: float = 1.0,
                  dis_progress: float = 0.0, top_t: int = 0,
                  num_threads: int | None = 1) -> list[dict]:

@@ -15,13 +15,13 @@ REQUIRED = ("classes", "k", "method", "mode", "world_size", "batch", "dim", "med
 def records():
     return run_softmax_bench(classes=[50, 200], ks=[5], batch=8, dim=16, world_sizes=[1, 2],
                              methods=["uniform", "ftis", "dis"],
-                             modes=["batch_shared", "per_sample"], warmup=1, repeats=2,
+                             modes=["batch_shared", "per_sample", "hybrid"], warmup=1, repeats=2,
                              teacher_topk=20, seed=0, skip_full_above_bytes=None, threads=1)
 
 
 def test_records_complete_and_sane(records):
-    # per (world, C): 1 full + 3 methods x 2 modes
-    assert len(records) == 2 * 2 * (1 + 6)
+    # per (world, C): 1 full + 3 methods x 3 modes
+    assert len(records) == 2 * 2 * (1 + 9)
     for r in records:
         assert all(key in r for key in REQUIRED), sorted(set(REQUIRED) - set(r))
         for key in ("median_ms", "p10_ms", "p90_ms", "full_median_ms", "bound", "cols_per_row"):
@@ -40,7 +40,7 @@ def test_records_complete_and_sane(records):
             assert r["bound"] == pytest.approx(r["classes"] / r["cols_per_row"])
     assert {r["world_size"] for r in records} == {1, 2}
     assert {(r["method"], r["mode"]) for r in records if r["k"]} == {
-        (m, d) for m in ("uniform", "ftis", "dis") for d in ("batch_shared", "per_sample")}
+        (m, d) for m in ("uniform", "ftis", "dis") for d in ("batch_shared", "per_sample", "hybrid")}
 
 
 def test_write_bench(records, tmp_path):
@@ -48,7 +48,7 @@ def test_write_bench(records, tmp_path):
     assert md == str(tmp_path / "bench.md")
     assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(records))
     text = (tmp_path / "bench.md").read_text()
-    assert text == bench_markdown(records) and text.count("\n| 2 | 200 |") == 7
+    assert text == bench_markdown(records) and text.count("\n| 2 | 200 |") == 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md"]
 
 

@@ -108,7 +108,7 @@ def test_full_set_without_corrections_is_exactly_full_kd():
 # ---- consistency: the expected-count form converges, the paper form does not ----
 
 @pytest.mark.parametrize("name", ["uniform", "ftis", "dis"])
-@pytest.mark.parametrize("mode", ["per_sample", "batch_shared"])
+@pytest.mark.parametrize("mode", ["per_sample", "batch_shared", "hybrid"])
 def test_expected_gradient_at_m_4C_matches_full(name, mode):
     phi, W, a, y = _problem()
     g_full = _full_grad(phi, W, a, y)
@@ -127,7 +127,7 @@ def test_expected_gradient_at_m_4C_matches_full(name, mode):
 
 
 @pytest.mark.parametrize("name", ["uniform", "ftis", "dis"])
-@pytest.mark.parametrize("mode", ["per_sample", "batch_shared"])
+@pytest.mark.parametrize("mode", ["per_sample", "batch_shared", "hybrid"])
 def test_single_draw_gradient_converges_as_m_grows(name, mode):
     phi, W, a, y = _problem()
     g_full = _full_grad(phi, W, a, y)
@@ -142,7 +142,7 @@ def test_single_draw_gradient_converges_as_m_grows(name, mode):
     assert cos["paper"][1] < 0.9
 
 
-@pytest.mark.parametrize("mode", ["per_sample", "batch_shared"])
+@pytest.mark.parametrize("mode", ["per_sample", "batch_shared", "hybrid"])
 def test_mixed_loss_with_sampled_ce_converges(mode):
     phi, W, a, y = _problem()
     g_full = _full_grad(phi, W, a, y, lam=0.5)
@@ -166,7 +166,7 @@ def test_per_sample_and_batch_shared_agree_in_expectation(name):
     Z = torch.exp(z / T).sum(-1)
     gen = torch.Generator().manual_seed(21)
     z_hat, grads = {}, {}
-    for mode in ("per_sample", "batch_shared"):
+    for mode in ("per_sample", "batch_shared", "hybrid"):
         zs, gs = torch.zeros(B, dtype=torch.float64), torch.zeros_like(W)
         for _ in range(200):
             ss = sample_classes(a, y, _proposal(name), 2 * C, mode=mode, top_t=2,
@@ -177,6 +177,7 @@ def test_per_sample_and_batch_shared_agree_in_expectation(name):
         # each mode's normaliser estimate is unbiased: E[Z_hat] = Z
         torch.testing.assert_close(z_hat[mode], Z, rtol=0.04, atol=0)
     assert _cos(grads["per_sample"], grads["batch_shared"]) > 0.998
+    assert _cos(grads["per_sample"], grads["hybrid"]) > 0.998
 
 
 def test_masked_column_is_the_same_as_a_dropped_column():

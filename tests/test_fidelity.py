@@ -26,15 +26,15 @@ def _get(records, method, mode, correction, k):
 
 
 def test_records_have_required_keys(records):
-    # 3 sampled methods x 2 modes x 2 corrections + PDBS, for each of 2 values of k
-    assert len(records) == 2 * (3 * 2 * 2 + 1)
+    # 3 sampled methods x 3 modes x 2 corrections + PDBS, for each of 2 values of k
+    assert len(records) == 2 * (3 * 3 * 2 + 1)
     for r in records:
         assert KEYS <= set(r)
         assert -1.0 <= r["cosine_logits"] <= 1.0 and r["rel_err"] >= 0.0
 
 
 @pytest.mark.parametrize("method", ["dis", "ftis"])
-@pytest.mark.parametrize("mode", ["per_sample", "batch_shared"])
+@pytest.mark.parametrize("mode", ["per_sample", "batch_shared", "hybrid"])
 def test_importance_sampling_at_k_C_over_10(records, method, mode):
     ex = _get(records, method, mode, "expected", 100)
     paper = _get(records, method, mode, "paper", 100)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dkd.head.kernels import full_logits, path_costs, sampled_logits, unique_rows
+from dkd.head.kernels import full_logits, hybrid_logits, path_costs, sampled_logits, unique_rows
 
 B, C, D = 6, 17, 8
 
@@ -44,6 +44,29 @@ def test_batch_shared_matches_reference(path):
     torch.testing.assert_close(gf, ref[1])
     torch.testing.assert_close(gw, ref[2])
     assert weight.grad is None
+
+
+def test_hybrid_matches_reference():
+    """[per-row columns | shared columns] equals plain autograd on the same (B, n) columns;
+    the handle's rows repeat (targets shared by samples) and sum to the dense gradient."""
+    features, weight, gen = _setup(2)
+    row = torch.randint(0, C, (B, 2), generator=gen)
+    row[3, 0] = row[1, 0]                       # a target shared by two samples
+    shared = torch.tensor([5, 11, 0])
+    shared[1] = row[0, 0]                       # a shared draw that is also a row column
+    cols = torch.cat([row, shared.expand(B, -1)], 1)
+    up = torch.randn(B, cols.shape[1], generator=gen, dtype=torch.float64)
+    ref = _reference(features, weight, cols, up)
+    f = features.clone().requires_grad_()
+    logits, handle = hybrid_logits(f, weight, row, shared)
+    (logits * up).sum().backward()
+    rows, grad = handle.collect()
+    assert handle.path == "hybrid" and not handle.unique and rows.numel() == B * 2 + 3
+    torch.testing.assert_close(logits.detach(), ref[0])
+    torch.testing.assert_close(f.grad, ref[1])
+    torch.testing.assert_close(torch.zeros_like(weight).index_add_(0, rows, grad), ref[2])
+    with pytest.raises(ValueError, match="row_cols"):
+        hybrid_logits(f, weight, shared, shared)
 
 
 @pytest.mark.parametrize("path", ["union", "gather_dot", "auto"])

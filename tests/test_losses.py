@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from dkd.losses.pdbs import pdbs_loss, pdbs_select
-from dkd.losses.sampled import sampled_kd_terms
+from dkd.losses.sampled import sampled_kd_loss, sampled_kd_terms
 from dkd.losses.softmax import full_kd_terms, mix, softmax_ce, softmax_probs, target_onehot
 from dkd.losses.targets import kd_target
 from dkd.sampling.proposals import teacher_ranking
@@ -159,7 +159,8 @@ def _shard_worker(rank, world, port, out_dir):
         o = torch.linspace(-0.5, 0.5, 13, dtype=torch.float64)[lo:hi]
         tgt = target_onehot(y, hi - lo, lo).bool()
         st = sampled_kd_terms(zl, a[:, lo:hi], o, T, tgt, group=dist.group.WORLD)
-        total = loss + ce_sm.sum() + st["kd"].sum() + st["ce"].sum()
+        fused = sampled_kd_loss(zl, a[:, lo:hi], o, T, 0.3, tgt, group=dist.group.WORLD)
+        total = loss + ce_sm.sum() + st["kd"].sum() + st["ce"].sum() + fused["loss"]
         total.backward()
         torch.save({"loss": total.detach(), "grad": zl.grad, "lo": lo, "hi": hi},
                    os.path.join(out_dir, f"rank{rank}.pt"))
@@ -175,7 +176,8 @@ def test_two_rank_gloo_matches_single_process():
     ce_sm = softmax_ce(z, torch.softmax(a, -1))
     o = torch.linspace(-0.5, 0.5, 13, dtype=torch.float64)
     st = sampled_kd_terms(z, a, o, T, target_onehot(y, 13).bool())
-    total = loss + ce_sm.sum() + st["kd"].sum() + st["ce"].sum()
+    fused = sampled_kd_loss(z, a, o, T, 0.3, target_onehot(y, 13).bool())
+    total = loss + ce_sm.sum() + st["kd"].sum() + st["ce"].sum() + fused["loss"]
     total.backward()
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_shard_worker, args=(2, _free_port(), d), nprocs=2, join=True)
@@ -184,3 +186,28 @@ def test_two_rank_gloo_matches_single_process():
         torch.testing.assert_close(part["loss"], total.detach(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(part["grad"], z.grad[:, part["lo"]:part["hi"]],
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.6, 0.0])
+def test_fused_sampled_loss_equals_mix_of_terms(lam):
+    """The closed-form autograd.Function gives mix(sampled_kd_terms) and its gradient,
+    with per-row masks, corrections and a target column."""
+    z, a, y = _data(B=5, C=9, seed=7)
+    T = 3.0
+    g = torch.Generator().manual_seed(1)
+    o = torch.randn(5, 9, generator=g, dtype=torch.float64)
+    mask = torch.rand(5, 9, generator=g) > 0.3
+    tgt = target_onehot(y, 9).bool()
+    mask |= tgt                                   # the target column is always present
+    o[~mask] = float("inf")                       # junk on masked columns must not leak
+    z1, z2 = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    ref = mix(sampled_kd_terms(z1, a, o, T, tgt, mask), lam, T)
+    got = sampled_kd_loss(z2, a, o, T, lam, tgt, mask)
+    torch.testing.assert_close(got["loss"], ref["loss"])
+    for key in ("kd", "ce"):
+        torch.testing.assert_close(got[key], ref[key], equal_nan=True)
+    ref["loss"].backward()
+    got["loss"].backward()
+    torch.testing.assert_close(z2.grad, z1.grad)
+    with pytest.raises(ValueError, match="target_cols"):
+        sampled_kd_loss(z, a, o, T, 0.5, None, mask)

@@ -98,12 +98,13 @@ METHODS = [
     {"name": "uniform", "k": 4, "mode": "batch_shared", "lam": 0.5, "stratified": False},
     {"name": "dis", "k": 4, "mode": "per_sample", "lam": 0.5},
     {"name": "ftis", "k": 3, "mode": "per_sample"},
+    {"name": "dis", "k": 5, "mode": "hybrid", "lam": 0.6, "top_t": 1},
     {"name": "pdbs", "k": 4, "lam": 0.8},
 ]
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("method", METHODS, ids=lambda m: m["name"])
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: "-".join([m["name"]] + ([m["mode"]] if "mode" in m else [])))
 def test_sharded_matches_single_process(method, world):
     ref = _step(method, None, 0, 1)
     got = _sharded(method, world)

@@ -215,3 +215,35 @@ def test_per_sample_tail_is_shared_across_rows():
     cls = s.classes[:, 1:]
     assert (cls == cls[:1]).float().mean() > 0.95            # uniform: nearly all tail draws
     assert not bool((cls.unsqueeze(2) == ids.unsqueeze(1)).any())
+
+
+@pytest.mark.parametrize("K", [C, 5])
+@pytest.mark.parametrize("name", ["uniform", "dis", "ftis"])
+def test_hybrid_sets(K, name):
+    """Hybrid: per-row D_b, shared draws from the unrestricted r̄, masked where in D_b."""
+    t, y = _teacher(K)
+    prop, m, top_t = PROPOSALS[name](), 40_000, 1
+    g = torch.Generator().manual_seed(6)
+    s, a = sample_classes_topk(t, y, prop, m, mode="hybrid", top_t=top_t, generator=g,
+                               return_teacher=True)
+    _, D = _dense_per_sample(t, y, prop, top_t)
+    dense = t.dense()
+    r = prop.class_probs(dense, teacher_ranking(dense)[1]).double()
+    r = _tie_average(r, t) if prop.rank_based else r
+    rbar = r.mean(0) / r.mean(0).sum()                   # over all C: nothing excluded
+    nd = s.shared_from
+    assert nd == 1 + top_t and torch.equal(s.classes[:, :nd], D)
+    draws = s.classes[0, nd:]
+    assert torch.equal(s.classes[:, nd:], draws.expand(B, -1)) and draws.unique().numel() == draws.numel()
+    torch.testing.assert_close(a, s.gather(dense).to(a.dtype))
+    assert torch.equal(s.mask[:, nd:], ~(D.unsqueeze(2) == draws.view(1, 1, -1)).any(1))
+    assert bool(s.mask[:, :nd].all()) and bool(s.deterministic[:, :nd].all())
+    o = s.log_correction[0, nd:].double()
+    count = torch.exp(torch.log(m * rbar[draws]) - o)    # o = log(m r̄) - log(count)
+    torch.testing.assert_close(count, count.round(), rtol=0, atol=1e-3)
+    assert int(count.round().sum()) == m
+    freq = torch.zeros(C, dtype=torch.float64).index_add_(0, draws, count.round()) / m
+    assert float(((freq - rbar).abs() - 5 * (rbar / m).sqrt()).max()) < 1e-3
+    z = torch.randn(B, C, generator=g, dtype=torch.float64)
+    est = (torch.exp(z[:, draws] - o) * s.mask[:, nd:]).sum(1)
+    torch.testing.assert_close(est, torch.exp(z).scatter(1, D, 0.0).sum(1), rtol=0.03, atol=0)

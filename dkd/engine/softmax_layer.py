@@ -22,7 +22,7 @@ from dkd.config import MethodConfig, SAMPLED_METHODS
 from dkd.dist.functional import group_rank, group_size
 from dkd.head.shard import shard_bounds
 from dkd.losses import targets as tg
-from dkd.losses.sampled import sampled_kd_terms
+from dkd.losses.sampled import sampled_kd_loss
 from dkd.losses.softmax import full_kd_terms, mix, softmax_probs
 from dkd.sampling.proposals import Proposal, build_proposal, teacher_ranking
 from dkd.sampling.sampler import SampleSet, sample_classes
@@ -149,6 +149,13 @@ class SoftmaxLayer:
             s, a = self._draw(teacher_logits, y, generator)
             local, own = self._local_columns(s)
             o = s.log_correction
+        if s.mode == "hybrid":
+            one = group_size(self.group) == 1
+            out = hybrid_loss(feats, head, s, a, local, None if one else own, lam, T,
+                              self.group)
+            out["n_sampled"] = s.num_columns
+            out["kernel_path"] = head.last_path
+            return out
         if s.classes.dim() == 1:
             # batch_shared: keep only owned columns, so this rank's GEMM is (B, d)(d, n_s).
             keep = own.nonzero().squeeze(1)
@@ -163,8 +170,7 @@ class SoftmaxLayer:
         tgt = (classes == y.unsqueeze(1)) if lam < 1 else None
         if tgt is not None and mask is not None:
             tgt = tgt & mask & s.deterministic
-        terms = sampled_kd_terms(z, a, o, T, tgt, mask, self.group)
-        out = mix(terms, lam, T)
+        out = sampled_kd_loss(z, a, o, T, lam, tgt, mask, self.group)
         out["n_sampled"] = s.num_columns
         out["kernel_path"] = head.last_path
         return out
@@ -186,11 +192,35 @@ class SoftmaxLayer:
         zc, ac = z.gather(1, local), a_local.gather(1, local)
         o = torch.zeros_like(zc)
         tgt = ((classes == y.unsqueeze(1)) & own) if lam < 1 else None
-        out = mix(sampled_kd_terms(zc, ac, o, T, tgt, own, self.group), lam, T)
+        out = sampled_kd_loss(zc, ac, o, T, lam, tgt, own, self.group)
         ranks = teacher_ranking(teacher_logits)[1].gather(1, classes) + 1
         out["ranks"] = ranks
         out["n_sampled"] = self.cfg.k
         return out
+
+
+def hybrid_loss(feats, head, s: SampleSet, a, local, own, lam: float, T: float, group) -> dict:
+    """The mixed loss of a hybrid sample set [D_b | shared draws] on this rank's shard.
+
+    local (B, n): local row ids (clamped) of s.classes; own (B, n) bool: which of them this
+    rank holds, or None when it holds all (one shard). D_b columns are masked where
+    another rank owns them; of the shared draws this rank keeps only those it owns, so
+    its GEMM is (B, d)(d, u_local). a: teacher logits at s.classes (B, n).
+    """
+    nd, mask, o = s.shared_from, s.mask, s.log_correction
+    if own is None:
+        z = head.logits_hybrid(feats, local[:, :nd], local[0, nd:])
+    else:
+        keep = own[0, nd:].nonzero().squeeze(1) + nd
+        cols = torch.cat([torch.arange(nd, device=keep.device), keep])
+        mask = (own & mask).index_select(1, cols)
+        z = head.logits_hybrid(feats, local[:, :nd], local[0, keep])
+        o, a = o.index_select(1, cols), a.index_select(1, cols)
+    tgt = None
+    if lam < 1:   # column 0 of D_b is the target
+        tgt = torch.zeros_like(mask)
+        tgt[:, 0] = mask[:, 0]
+    return sampled_kd_loss(z, a, o, T, lam, tgt, mask, group)
 
 
 def _global_topk(score: torch.Tensor, k: int, start: int, group) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dkd.dist.functional import group_rank, group_size
-from dkd.head.kernels import RowGrad, full_logits, sampled_logits
+from dkd.head.kernels import RowGrad, full_logits, hybrid_logits, sampled_logits
 from dkd.head.shard import shard_range
 from dkd.head.sparse_optim import SparseRowOptimizer
 
@@ -96,6 +96,13 @@ class ShardedHead(nn.Module):
         duplicate coalescing). The kernel that ran is in ``self.last_path`` (for logging).
         """
         logits, handle = sampled_logits(features, self.weight, local_cols, path, unique=unique)
+        self._record(handle)
+        return logits
+
+    def logits_hybrid(self, features: torch.Tensor, row_cols: torch.Tensor,
+                      shared_cols: torch.Tensor) -> torch.Tensor:
+        """(B, d), per-row local ids (B, nd) and shared local ids (u,) -> (B, nd + u)."""
+        logits, handle = hybrid_logits(features, self.weight, row_cols, shared_cols)
         self._record(handle)
         return logits
 

@@ -22,6 +22,8 @@ Paths (none runs a collective; the distributed softmax reduces over columns late
   Function that never keeps a (B, k, d) tensor: the forward gathers rows chunk-wise
   straight from the weight, and both backward products are ``embedding_bag`` sums (no
   B×k×d materialisation at all). Wins when samples share few classes (|U| ≈ B·k).
+* ``hybrid`` (:func:`hybrid_logits`) — per-row columns (B, nd) by a gathered dot plus
+  batch-shared columns (u,) by one GEMM: the hybrid estimator's [D_b | shared draws].
 * ``auto`` — batch_shared for 1-D cols; for 2-D cols the cheaper of union / gather_dot
   under ``path_costs`` (flops + balance · bytes, documented there). The chosen path is
   ``handle.path``, for the caller to log.
@@ -246,6 +248,48 @@ def sampled_logits(features: torch.Tensor, weight: torch.Tensor, cols: torch.Ten
     return logits, handle
 
 
+class _ConcatRowGrad(RowGrad):
+    """Two leaves (per-row part, shared part) reported as one (rows, grad) pair; rows may
+    repeat (a target shared by samples, or also drawn), so the optimizer coalesces them."""
+
+    def __init__(self, rows: list[torch.Tensor], leaves: list[torch.Tensor], path: str):
+        super().__init__(torch.cat(rows), path, unique=False, leaf=None,
+                         active=leaves[0].requires_grad)
+        self.leaves = leaves
+
+    @property
+    def grad(self):
+        grads = [leaf.grad for leaf in self.leaves]
+        if any(g is None for g in grads):
+            return None
+        return torch.cat(grads)
+
+
+def hybrid_logits(features: torch.Tensor, weight: torch.Tensor, row_cols: torch.Tensor,
+                  shared_cols: torch.Tensor):
+    """Logits of per-row columns and batch-shared columns: (B, nd + u), and their handle.
+
+    row_cols (B, nd): local row ids of each sample's own columns (the hybrid estimator's
+    D_b: target and top-t, so nd is small); shared_cols (u,): ids shared by the batch.
+    Row part: the B·nd rows gathered into one leaf and dotted per sample (two elementwise
+    products in backward, no (C_local, d) anything); shared part: one GEMM as
+    ``batch_shared``. No collective.
+    """
+    _check(features, weight, row_cols)
+    _check(features, weight, shared_cols)
+    if row_cols.dim() != 2 or shared_cols.dim() != 1:
+        raise ValueError(f"row_cols must be (B, nd) and shared_cols (u,), got "
+                         f"{tuple(row_cols.shape)} and {tuple(shared_cols.shape)}")
+    B, nd = row_cols.shape
+    row_cols, shared_cols = row_cols.long(), shared_cols.long()
+    w_row = _leaf(weight, row_cols.reshape(-1))                        # (B·nd, d)
+    w_shared = _leaf(weight, shared_cols)                              # (u, d)
+    z_row = (features.unsqueeze(1) * w_row.view(B, nd, -1)).sum(-1)    # (B, nd)
+    logits = torch.cat([z_row, features @ w_shared.t()], 1)
+    handle = _ConcatRowGrad([row_cols.reshape(-1), shared_cols], [w_row, w_shared], "hybrid")
+    return logits, handle
+
+
 def full_logits(features: torch.Tensor, weight: torch.Tensor):
     """Logits of every local class (B, C_local) and a handle to the dense (C_local, d) grad.
 
@@ -261,4 +305,4 @@ def full_logits(features: torch.Tensor, weight: torch.Tensor):
 
 
 __all__ = ["PATHS", "DEFAULT_BALANCE", "RowGrad", "sampled_logits", "full_logits",
-           "path_costs", "default_balance", "unique_rows"]
+           "path_costs", "default_balance", "unique_rows", "hybrid_logits"]

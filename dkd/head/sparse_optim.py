@@ -14,11 +14,11 @@ global count would instead treat a fresh row's nearly-empty moments as fully war
 When every step touches the same rows, the result on those rows equals the dense
 torch.optim (SGD with momentum / Adam / AdamW) run on those rows alone.
 
-Duplicates in ``rows`` are allowed and their gradients are summed (the batch-shared kernel
-keeps one column per draw). That is done without a sort: a persistent (C_local,) slot map
-sends every duplicate to one representative position, the gradients are index_add-ed
-there, and every duplicate then computes the identical update, so writing it back through
-duplicate indices is deterministic. ``rows=None`` means a dense step over all rows.
+Duplicates in ``rows`` are allowed and their gradients are summed (the hybrid kernel
+reports one row per target occurrence). That is done without a sort: a persistent
+(C_local,) slot map sends every duplicate to one representative position, the
+representatives get compact ids, the gradients are index_add-ed there, and the step then
+runs on unique rows. ``rows=None`` means a dense step over all rows.
 """
 from __future__ import annotations
 
@@ -67,6 +67,7 @@ class SparseRowOptimizer:
             # Per-row step counts, float32 like torch.optim's ``step`` (exact to 2^24).
             self.state["step"] = torch.zeros(weight.shape[0], dtype=torch.float32,
                                              device=weight.device)
+        self._max_t, self._table = 0, None      # Adam's bias-correction table (by step t)
         # Slot map for coalescing duplicate rows without a sort; content is scratch.
         self._slot = torch.zeros(weight.shape[0], dtype=torch.long, device=weight.device)
         self._scratch: torch.Tensor | None = None
@@ -99,11 +100,10 @@ class SparseRowOptimizer:
             return
         rows, grad = rows.long(), grad.to(self.weight.dtype)
         if not unique:
-            grad = self._coalesce(rows, grad)
+            rows, grad = self._coalesce(rows, grad)
         coef = self._row_coefficients(rows, lr)
-        # Chunks keep the gathered rows cache-resident through the update's passes. With
-        # duplicates, all copies of a row must read the same old state: one chunk.
-        n = self._chunk if unique and self._chunk else rows.numel()
+        # Chunks keep the gathered rows cache-resident through the update's passes.
+        n = self._chunk or rows.numel()
         for i in range(0, rows.numel(), n):
             r = rows[i:i + n]
             work = self._gather(r)
@@ -135,29 +135,40 @@ class SparseRowOptimizer:
 
     def _row_coefficients(self, rows: torch.Tensor | None, lr: float):
         """Adam only: bump the per-row step counts t of ``rows`` (None: all) and return the
-        (u, 1) factors (scale, eps_scale) of ``_update``; None for SGD or lr = 0.
+        (u, 1) factors (a_t, e_t) of ``_update``; None for SGD or lr = 0.
 
         torch.optim computes p -= (lr / bc1) · m / (sqrt(v) / sqrt(bc2) + eps) with
-        bc = 1 − β^t. With s = bc1 / lr this is p -= m / (sqrt(v) · s / sqrt(bc2) + eps · s),
-        so the per-row bias corrections become two (u, 1) factors, computed once for all
-        rows in float64 (as torch.optim does its bias math in double).
+        bc = 1 − β^t, i.e. p -= lr · m / (sqrt(v) · a_t + e_t) with a_t = bc1 / sqrt(bc2)
+        and e_t = bc1 · eps. Both depend on t only, so they come from a table indexed by t
+        (computed in float64, as torch.optim does its bias math): two look-ups per step
+        instead of a dozen small ops, which is what a step over a few hundred rows costs.
         """
         if self.kind == "sgd":
             return None
         step = self.state["step"]
         if rows is None:
             t = step.add_(1.0)
-        else:  # duplicates all compute the same t, so the write-back is deterministic
+        else:  # rows are unique here (step coalesces first)
             t = step.index_select(0, rows).add_(1.0)
             step.index_copy_(0, rows, t)
+        self._max_t += 1                  # an upper bound of every t, without a sync
         if lr == 0.0:
             return None
-        b1, b2 = self.betas
-        t64 = t.double()
-        s = (1.0 - torch.pow(b1, t64)) / lr
-        scale = s / (1.0 - torch.pow(b2, t64)).sqrt()
-        dtype = self.weight.dtype
-        return scale.to(dtype).unsqueeze(1), (s * self.eps).to(dtype).unsqueeze(1)
+        table = self._bias_table()
+        idx = t.long()
+        return (table[0].index_select(0, idx).unsqueeze(1),
+                table[1].index_select(0, idx).unsqueeze(1))
+
+    def _bias_table(self) -> torch.Tensor:
+        """(2, n) [a_t; e_t] for t < n (n >= the largest step count), grown by doubling."""
+        if self._table is None or self._table.shape[1] <= self._max_t:
+            n = max(1024, 2 * (self._max_t + 1))
+            t = torch.arange(n, dtype=torch.float64)
+            bc1, bc2 = 1.0 - self.betas[0] ** t, 1.0 - self.betas[1] ** t
+            bc2[0] = 1.0                                   # t = 0 is never looked up
+            self._table = torch.stack([bc1 / bc2.sqrt(), bc1 * self.eps]).to(
+                dtype=self.weight.dtype, device=self.weight.device)
+        return self._table
 
     def _gather(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Rows of the weight and of each (·, d) state tensor, copied into reused scratch.
@@ -186,12 +197,18 @@ class SparseRowOptimizer:
         """Free the per-step scratch buffers (they are re-made on the next step)."""
         self._scratch = None
 
-    def _coalesce(self, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """(u, d) where every entry holds the summed gradient of all duplicates of its row."""
-        self._slot.index_copy_(0, rows, torch.arange(rows.numel(), device=rows.device))
-        slot = self._slot.index_select(0, rows)     # each duplicate -> one winner position
-        summed = torch.zeros_like(grad).index_add_(0, slot, grad)
-        return summed.index_select(0, slot)
+    def _coalesce(self, rows: torch.Tensor, grad: torch.Tensor):
+        """Unique rows (u,) and their summed gradients (u, d), without a sort: the slot map
+        sends every duplicate to one winner position (whichever write landed last), the
+        winners get compact ids in order of position, and the gradients are index_add-ed."""
+        pos = torch.arange(rows.numel(), device=rows.device)
+        self._slot.index_copy_(0, rows, pos)
+        slot = self._slot.index_select(0, rows)     # each duplicate -> its winner position
+        win = slot == pos
+        compact = win.cumsum(0).sub_(1).index_select(0, slot)
+        uniq = rows[win]
+        summed = grad.new_zeros((uniq.numel(), grad.shape[1])).index_add_(0, compact, grad)
+        return uniq, summed
 
     def _update(self, w: dict[str, torch.Tensor], g: torch.Tensor, lr: float, coef) -> None:
         """In place on the working rows ``w`` (param and state, (u, d) each) given ``g``."""
@@ -216,10 +233,10 @@ class SparseRowOptimizer:
         v.mul_(self.betas[1]).addcmul_(g, g, value=1.0 - self.betas[1])
         if coef is None:                            # lr = 0: moments move, weights do not
             return
-        scale, eps_scale = coef
+        a_t, e_t = coef
         # Four passes; a fused addcmul with two (u, 1) operands is ~3x slower on a host.
-        torch.sqrt(v, out=den).mul_(scale).add_(eps_scale)
-        p.addcdiv_(m, den, value=-1.0)
+        torch.sqrt(v, out=den).mul_(a_t).add_(e_t)
+        p.addcdiv_(m, den, value=-lr)
 
     # ---------------------------------------------------------------- state
     def hparams(self) -> dict:
@@ -238,6 +255,7 @@ class SparseRowOptimizer:
         self.lr, self.momentum, self.betas = float(h["lr"]), float(h["momentum"]), tuple(h["betas"])
         self.eps, self.weight_decay = float(h["eps"]), float(h["weight_decay"])
         self.nesterov = bool(h.get("nesterov", False))
+        self._table = None                              # betas / eps may have changed
         self.load_rows_state(0, sd["state"])
 
     def rows_state(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
@@ -259,6 +277,8 @@ class SparseRowOptimizer:
                 raise ValueError(f"state[{k!r}] of shape {tuple(v.shape)} does not fit at row "
                                  f"{lo} of {tuple(self.state[k].shape)}")
             self.state[k][lo:lo + n].copy_(v)
+        if "step" in state and state["step"].numel():
+            self._max_t = max(self._max_t, int(state["step"].max()))
 
 
 __all__ = ["KINDS", "SparseRowOptimizer"]

@@ -22,6 +22,15 @@ Two modes (DESIGN.md, "Two ways to apply a proposal to a batch"):
   top-t non-target class of the batch. Duplicate draws are merged into one column with
   o - log(count) (the same sum of exponentials), so columns are unique and the head
   touches each row once. Shapes (n,).
+* ``hybrid``: D_b per row, as in per_sample, plus ONE set of m draws shared by the batch
+  from the batch mixture r̄ over all C classes (not restricted to any D). A draw that
+  lands in row b's own D_b is masked out of row b only (its term is already exact), so
+  each row's estimate of Σ_{c ∉ D_b} exp(s_c) stays unbiased: E[count_c] = m r̄(c) for
+  every c. Duplicates are merged as in batch_shared, o = log(m r̄(c)) - log(count).
+  Costs a per-row dot for D_b plus one (B, d) x (d, u) GEMM over the u <= m draws: the
+  head touches |∪ D_b| + u rows, not every target of the batch twice over as columns of
+  a GEMM (at C = 751, B = 256 batch_shared has ~215 target columns per row, hybrid 1).
+  Shapes (B, n) with columns [D_b (1 + t) | shared draws (u)], ``shared_from`` = 1 + t.
 
 All randomness comes from the torch.Generator passed in: the same generator state on
 every rank gives the same sample set on every rank, without communication.
@@ -34,7 +43,7 @@ import torch
 
 from dkd.sampling.proposals import Proposal, teacher_ranking
 
-MODES = ("per_sample", "batch_shared")
+MODES = ("per_sample", "batch_shared", "hybrid")
 CORRECTIONS = ("expected", "paper")
 
 
@@ -46,8 +55,9 @@ class SampleSet:
     log_correction: same shape, float32 o; the loss uses logits/T - o.
     deterministic:  same shape, bool; True for columns of D (o = 0).
     mask:           (B, n) bool or None; False = the column is unused by that row
-                    (padding; the sampler itself always returns None).
-    mode:           "per_sample" or "batch_shared".
+                    (padding; hybrid: a shared draw in that row's D_b).
+    mode:           "per_sample", "batch_shared" or "hybrid".
+    shared_from:    hybrid only: columns [shared_from:] are the same classes in every row.
     """
 
     classes: torch.Tensor
@@ -55,6 +65,7 @@ class SampleSet:
     deterministic: torch.Tensor
     mask: torch.Tensor | None = None
     mode: str = "per_sample"
+    shared_from: int | None = None
 
     @property
     def num_columns(self) -> int:
@@ -179,6 +190,33 @@ def _batch_shared(teacher_logits, ranking, y, proposal, m, top_t, correction, ge
         mask=None, mode="batch_shared")
 
 
+def _hybrid(teacher_logits, ranking, y, proposal, m, top_t, correction, generator):
+    order, ranks = ranking
+    dev = teacher_logits.device
+    rest = _non_target_order(order, ranks, y)
+    det = torch.cat([y.long().unsqueeze(1), rest[:, :top_t]], dim=1)      # (B, 1 + t)
+    rbar = proposal.class_probs(teacher_logits, ranks).double().mean(0)   # (C,)
+    rbar = rbar / rbar.sum()
+    draws, counts = torch.unique(_draw(rbar, m, generator).to(dev), return_counts=True)
+    o = (_log_o(rbar[draws], m, correction) - torch.log(counts.double())).float()
+    return hybrid_set(det, draws, o)
+
+
+def hybrid_set(det: torch.Tensor, draws: torch.Tensor, o: torch.Tensor) -> SampleSet:
+    """SampleSet of the hybrid mode from D (B, 1 + t), unique shared draws (u,) and their
+    corrections o (u,): draws that hit a row's D are masked out of that row."""
+    B, nd = det.shape
+    u = draws.numel()
+    in_d = (det.unsqueeze(2) == draws.view(1, 1, u)).any(1)                # (B, u)
+    return SampleSet(
+        classes=torch.cat([det, draws.unsqueeze(0).expand(B, u)], 1),
+        log_correction=torch.cat([o.new_zeros(B, nd), o.unsqueeze(0).expand(B, u)], 1),
+        deterministic=torch.cat([torch.ones_like(det, dtype=torch.bool),
+                                 torch.zeros((B, u), dtype=torch.bool, device=det.device)], 1),
+        mask=torch.cat([torch.ones_like(det, dtype=torch.bool), ~in_d], 1),
+        mode="hybrid", shared_from=nd)
+
+
 def sample_classes(teacher_logits: torch.Tensor, y: torch.Tensor, proposal: Proposal,
                    m: int, *, mode: str = "per_sample", top_t: int = 0,
                    correction: str = "expected",
@@ -189,7 +227,7 @@ def sample_classes(teacher_logits: torch.Tensor, y: torch.Tensor, proposal: Prop
     teacher_logits: (B, C) (only their ordering and, for FTIS, their softmax are used).
     y: (B,) targets. m >= 1 draws (with replacement; m may exceed C).
     top_t in [0, C - 1): the teacher's top-t non-target classes are added to D.
-    mode: "per_sample" | "batch_shared".
+    mode: "per_sample" | "batch_shared" | "hybrid".
     correction: "expected" (o = log(m r), consistent) | "paper" (o = log r, Algorithm 1
     as printed, which over-weights the sampled tail m-fold against D).
     generator: source of all randomness (None: torch's default generator).
@@ -200,5 +238,5 @@ def sample_classes(teacher_logits: torch.Tensor, y: torch.Tensor, proposal: Prop
     teacher_logits = teacher_logits.detach()
     if ranking is None:
         ranking = teacher_ranking(teacher_logits)
-    fn = _per_sample if mode == "per_sample" else _batch_shared
+    fn = {"per_sample": _per_sample, "batch_shared": _batch_shared, "hybrid": _hybrid}[mode]
     return fn(teacher_logits, ranking, y, proposal, m, top_t, correction, generator)

@@ -26,6 +26,9 @@ Same SampleSet outputs, corrections ("expected" / "paper") and D as the dense sa
   (K+1) entries [p_b(top-K), tail mass]. Tail draws of the same column share their first
   candidate class across samples (each sample's marginal stays uniform over its own
   tail), so the samples touch mostly the same head rows. Cost O(B·K + B·m).
+* ``hybrid``: D_b per row as per_sample; m draws from the unrestricted r̄ (a row by its
+  mass, then an inverse-CDF draw within that row: O(B + m·K)) shared by the batch, with
+  r̄ and the teacher logits at them from the same (B, u) look-up as batch_shared.
 
 ``workspace`` (a dict the caller keeps across steps) holds one (C,) int32 scratch slot
 map, allocated once: class id -> column. Without it the map is allocated per call
@@ -41,7 +44,7 @@ import torch
 
 from dkd.head.shard import owner_of, stratified_counts
 from dkd.sampling.proposals import LaplaceMixtureProposal, Proposal, UniformProposal
-from dkd.sampling.sampler import CORRECTIONS, MODES, SampleSet
+from dkd.sampling.sampler import CORRECTIONS, MODES, SampleSet, hybrid_set
 
 _F64 = torch.float64
 
@@ -526,6 +529,44 @@ def _batch_shared(teacher, y, proposal, m, top_t, correction, generator, workspa
     return s, a
 
 
+# ---------------------------------------------------------------- hybrid
+def _draw_rbar(teacher, pk, tail, m, generator, workspace):
+    """m i.i.d. draws from r̄ over all C classes (nothing excluded), O(B + m·K): row b with
+    probability ∝ its mass, then an inverse-CDF draw from r_b's [top-K, tail] entries of
+    that row only (a tail entry becomes a uniform class outside the row's top-K)."""
+    B, K = teacher.ids.shape
+    C, dev, gdev = teacher.num_classes, teacher.ids.device, _gen_device(generator)
+    tail_mass = tail * (C - K)                                           # (B,)
+    mass = pk.sum(1) + tail_mass                                         # (B,) or (1,)+(B,)
+    b = torch.multinomial(mass.to(gdev), m, replacement=True, generator=generator).to(dev)
+    rows = pk.expand(B, K).index_select(0, b)                            # (m, K)
+    cdf = torch.cat([rows, tail_mass.index_select(0, b).unsqueeze(1)], 1).cumsum_(1)
+    u = torch.rand((m, 1), dtype=cdf.dtype, generator=generator, device=gdev).to(dev)
+    j = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1).clamp_(max=K)
+    c = teacher.ids.index_select(0, b).gather(1, j.clamp(max=K - 1).unsqueeze(1)).squeeze(1)
+    tl = (j == K).nonzero().squeeze(1)
+    if tl.numel():
+        fresh = torch.randint(0, C, (tl.numel(),), generator=generator, device=gdev).to(dev)
+        c[tl] = _outside_rows(fresh, b.index_select(0, tl), teacher, 0, C, generator,
+                              workspace=workspace)
+    return c
+
+
+def _hybrid(teacher, y, proposal, m, top_t, correction, generator, workspace):
+    """D_b per row (as per_sample) + m draws from the unrestricted r̄ shared by the batch."""
+    C, K = teacher.num_classes, teacher.k
+    pk, tail = _row_probs(teacher, proposal, workspace)
+    draws, counts = torch.unique(_draw_rbar(teacher, pk, tail, m, generator, workspace),
+                                 return_counts=True)
+    a_s, rbar = _shared_lookup(teacher, draws, pk, tail, workspace)
+    total = (pk.sum(1) + tail * (C - K)).mean()                          # r̄'s mass
+    o = torch.log(rbar) - torch.log(total) - torch.log(counts.double())
+    if correction == "expected":
+        o = o + math.log(m)
+    det, det_a, _, _ = _row_deterministic(teacher, y, top_t)
+    return hybrid_set(det, draws, o.float()), torch.cat([det_a, a_s], 1)
+
+
 def batch_mixture_topk(teacher: TopKTeacher, y: torch.Tensor, proposal: Proposal,
                        top_t: int = 0, classes: torch.Tensor | None = None,
                        workspace: dict | None = None):
@@ -656,7 +697,8 @@ def _tail_fill(teacher, y, is_tail, cls, generator, workspace):
     return cls
 
 
-def _per_sample(teacher, y, proposal, m, top_t, correction, generator, workspace):
+def _row_deterministic(teacher, y, top_t):
+    """Per-row D_b = [y_b, top-t non-target] (B, 1 + t), their teacher logits, pos_y, y_in."""
     pos_y, y_in = _target_pos(teacher, y)
     K = teacher.k
     rest = teacher.rest_logit().to(teacher.logits.dtype)
@@ -665,6 +707,12 @@ def _per_sample(teacher, y, proposal, m, top_t, correction, generator, workspace
                       .squeeze(1), rest)
     det = torch.cat([y.long().unsqueeze(1), teacher.ids.gather(1, dcol)], 1)
     det_a = torch.cat([y_a.unsqueeze(1), teacher.logits.gather(1, dcol)], 1)
+    return det, det_a, pos_y, y_in
+
+
+def _per_sample(teacher, y, proposal, m, top_t, correction, generator, workspace):
+    det, det_a, pos_y, y_in = _row_deterministic(teacher, y, top_t)
+    rest = teacher.rest_logit().to(teacher.logits.dtype)
     if proposal.rank_based:
         is_tail, col, o = _rank_columns(teacher, proposal, m, top_t, generator, pos_y, y_in,
                                         correction, workspace)
@@ -747,7 +795,7 @@ def sample_classes_topk(teacher: TopKTeacher, y: torch.Tensor, proposal: Proposa
     returns the completed teacher logits at the sampled columns, (B, n), for free.
     """
     _check(teacher, y, m, top_t, mode, correction)
-    fn = _per_sample if mode == "per_sample" else _batch_shared
+    fn = {"per_sample": _per_sample, "batch_shared": _batch_shared, "hybrid": _hybrid}[mode]
     s, a = fn(teacher, y, proposal, m, top_t, correction, generator, workspace)
     return (s, a) if return_teacher else s
 
