@@ -14,6 +14,9 @@ run --set name=student-hard --set method.name=hard "${STUDENT[@]}" "$@"
 run --set name=student-kd --set method.name=kd --set teacher.checkpoint="$OUT/teacher" "${STUDENT[@]}" "$@"
 run --set name=student-dis --set method.name=dis --set method.k=10 --set method.top_t=3 \
     --set teacher.checkpoint="$OUT/teacher" "${STUDENT[@]}" "$@"
+# The same DIS student in hybrid mode: own target + top-3 per row, 10 draws shared.
+run --set name=student-dis-hybrid --set method.name=dis --set method.k=10 --set method.top_t=3 \
+    --set method.mode=hybrid --set teacher.checkpoint="$OUT/teacher" "${STUDENT[@]}" "$@"
 
 # Where sampling pays: C = 10,000 classes, a short teacher, then full KD against DIS
 # (k = 1000 draws, batch-shared, stratified over the 2 ranks): the report's second table.
@@ -25,18 +28,22 @@ run --set name=c10k-dis --set method.name=dis --set method.k=1000 --set method.t
     --set teacher.checkpoint="$OUT/c10k-teacher" "${BIG[@]}" "$@"
 
 dkd report "$OUT/teacher" "$OUT/student-hard" "$OUT/student-kd" "$OUT/student-dis" \
+    "$OUT/student-dis-hybrid" \
     "$OUT/c10k-kd" "$OUT/c10k-dis" --out "$OUT/report"
 
 python - "$OUT" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 print(f"\nrun directory: {out.resolve()}")
-print(f"{'run':<14} {'method':<6} {'classes':>7} {'k':>5} {'top-1 %':>8} {'softmax ms':>10}")
-for name in ("teacher", "student-hard", "student-kd", "student-dis", "c10k-kd", "c10k-dis"):
+print(f"{'run':<18} {'method':<6} {'mode':<12} {'classes':>7} {'k':>5} {'top-1 %':>8} "
+      f"{'softmax ms':>10}")
+for name in ("teacher", "student-hard", "student-kd", "student-dis", "student-dis-hybrid",
+             "c10k-kd", "c10k-dis"):
     s = json.loads((out / name / "summary.json").read_text())
     ms = sorted(json.loads(l)["softmax_ms"] for l in (out / name / "metrics.jsonl").open()
                 if '"kind": "train"' in l)
-    print(f"{name:<14} {s['method']:<6} {s['classes']:>7} {str(s['k'] or '-'):>5} "
+    mode = s["mode"] if s["k"] and s["method"] in ("uniform", "ftis", "dis") else "-"
+    print(f"{name:<18} {s['method']:<6} {mode:<12} {s['classes']:>7} {str(s['k'] or '-'):>5} "
           f"{s['top1']:>8.2f} {ms[len(ms) // 2]:>10.2f}")
 print(f"\nprofiling report: {(out / 'report' / 'report.md').resolve()}")
 PY

@@ -247,3 +247,15 @@ def test_hybrid_sets(K, name):
     z = torch.randn(B, C, generator=g, dtype=torch.float64)
     est = (torch.exp(z[:, draws] - o) * s.mask[:, nd:]).sum(1)
     torch.testing.assert_close(est, torch.exp(z).scatter(1, D, 0.0).sum(1), rtol=0.03, atol=0)
+
+
+def test_nth_outside_enumerates_the_complement():
+    """_nth_outside(ids, i) is the i-th class not in the row, for every i, no rejection."""
+    from dkd.sampling.topk_sampler import _nth_outside
+    g = torch.Generator().manual_seed(8)
+    ids = torch.stack([torch.randperm(C, generator=g)[:5] for _ in range(3)])
+    for r in range(3):
+        rest = [c for c in range(C) if c not in ids[r].tolist()]
+        i = torch.arange(C - 5)
+        got = _nth_outside(ids[r].expand(C - 5, 5), i)
+        assert got.tolist() == rest

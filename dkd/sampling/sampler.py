@@ -207,13 +207,16 @@ def hybrid_set(det: torch.Tensor, draws: torch.Tensor, o: torch.Tensor) -> Sampl
     corrections o (u,): draws that hit a row's D are masked out of that row."""
     B, nd = det.shape
     u = draws.numel()
-    in_d = (det.unsqueeze(2) == draws.view(1, 1, u)).any(1)                # (B, u)
+    if nd == 1:
+        in_d = det == draws.unsqueeze(0)                                   # (B, u)
+    else:
+        in_d = (det.unsqueeze(2) == draws.view(1, 1, u)).any(1)
+    first = torch.arange(nd + u, device=det.device) < nd                   # (n,) D columns
     return SampleSet(
-        classes=torch.cat([det, draws.unsqueeze(0).expand(B, u)], 1),
-        log_correction=torch.cat([o.new_zeros(B, nd), o.unsqueeze(0).expand(B, u)], 1),
-        deterministic=torch.cat([torch.ones_like(det, dtype=torch.bool),
-                                 torch.zeros((B, u), dtype=torch.bool, device=det.device)], 1),
-        mask=torch.cat([torch.ones_like(det, dtype=torch.bool), ~in_d], 1),
+        classes=torch.cat([det, draws.expand(B, u)], 1),
+        log_correction=torch.cat([o.new_zeros(nd), o]).expand(B, nd + u),
+        deterministic=first.expand(B, nd + u),
+        mask=torch.cat([first[:nd].expand(B, nd), ~in_d], 1),
         mode="hybrid", shared_from=nd)
 
 

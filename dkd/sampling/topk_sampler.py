@@ -543,13 +543,21 @@ def _draw_rbar(teacher, pk, tail, m, generator, workspace):
     cdf = torch.cat([rows, tail_mass.index_select(0, b).unsqueeze(1)], 1).cumsum_(1)
     u = torch.rand((m, 1), dtype=cdf.dtype, generator=generator, device=gdev).to(dev)
     j = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1).clamp_(max=K)
-    c = teacher.ids.index_select(0, b).gather(1, j.clamp(max=K - 1).unsqueeze(1)).squeeze(1)
-    tl = (j == K).nonzero().squeeze(1)
-    if tl.numel():
-        fresh = torch.randint(0, C, (tl.numel(),), generator=generator, device=gdev).to(dev)
-        c[tl] = _outside_rows(fresh, b.index_select(0, tl), teacher, 0, C, generator,
-                              workspace=workspace)
+    ids = teacher.ids.index_select(0, b)                                 # (m, K)
+    c = ids.gather(1, j.clamp(max=K - 1).unsqueeze(1)).squeeze(1)
+    if K < C:   # tail entries: the i-th class outside the row's top-K, i uniform in [0, C-K)
+        i = torch.randint(0, C - K, (m,), generator=generator, device=gdev).to(dev)
+        c = torch.where(j == K, _nth_outside(ids, i), c)
     return c
+
+
+def _nth_outside(ids: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """The i-th (0-based) class id not in each row of ids (m, K), without rejection: with
+    the row sorted, s_q - q counts the classes outside it below s_q, so the answer is
+    i + #{q : s_q - q <= i}."""
+    s = ids.sort(1).values
+    gaps = s - torch.arange(s.shape[1], device=s.device)
+    return i + torch.searchsorted(gaps, i.unsqueeze(1), right=True).squeeze(1)
 
 
 def _hybrid(teacher, y, proposal, m, top_t, correction, generator, workspace):
@@ -702,6 +710,10 @@ def _row_deterministic(teacher, y, top_t):
     pos_y, y_in = _target_pos(teacher, y)
     K = teacher.k
     rest = teacher.rest_logit().to(teacher.logits.dtype)
+    if top_t == 0:                      # the common case, in a third of the operations
+        y_a = teacher.logits.gather(1, pos_y.clamp(max=K - 1).unsqueeze(1))
+        return (y.long().unsqueeze(1), torch.where(y_in.unsqueeze(1), y_a, rest.unsqueeze(1)),
+                pos_y, y_in)
     dcol = _rest_columns(pos_y, torch.arange(top_t, device=y.device), K).expand(-1, top_t)
     y_a = torch.where(y_in, teacher.logits.gather(1, pos_y.clamp(max=K - 1).unsqueeze(1))
                       .squeeze(1), rest)
