@@ -219,8 +219,12 @@ def test_per_sample_tail_is_shared_across_rows():
 
 @pytest.mark.parametrize("K", [C, 5])
 @pytest.mark.parametrize("name", ["uniform", "dis", "ftis"])
-def test_hybrid_sets(K, name):
-    """Hybrid: per-row D_b, shared draws from the unrestricted r̄, masked where in D_b."""
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "lookup"])
+def test_hybrid_sets(K, name, dense, monkeypatch):
+    """Hybrid: per-row D_b, shared draws from the unrestricted r̄, masked where in D_b;
+    the dense small-C path and the O(B·K) look-up path alike."""
+    import dkd.sampling.topk_sampler as ts
+    monkeypatch.setattr(ts, "DENSE_HYBRID_ENTRIES", B * C if dense else 0)
     t, y = _teacher(K)
     prop, m, top_t = PROPOSALS[name](), 40_000, 1
     g = torch.Generator().manual_seed(6)

@@ -248,21 +248,48 @@ def sampled_logits(features: torch.Tensor, weight: torch.Tensor, cols: torch.Ten
     return logits, handle
 
 
-class _ConcatRowGrad(RowGrad):
-    """Two leaves (per-row part, shared part) reported as one (rows, grad) pair; rows may
-    repeat (a target shared by samples, or also drawn), so the optimizer coalesces them."""
+class _HybridLogits(torch.autograd.Function):
+    """[per-row dots | shared GEMM] over the distinct rows W_U, with a hand-written backward
+    (about half the operations autograd would record for the same graph).
 
-    def __init__(self, rows: list[torch.Tensor], leaves: list[torch.Tensor], path: str):
-        super().__init__(torch.cat(rows), path, unique=False, leaf=None,
-                         active=leaves[0].requires_grad)
-        self.leaves = leaves
+    Collectives: none in forward or backward (purely column-local).
+    forward:  features (B, d), anchor () leaf, rows W_U (|U|, d) (a gathered copy),
+              inv_row (B, nd) and inv_s (u,) positions in U, handle -> logits (B, nd + u):
+              logits[b, j] = φ_b · W_U[inv_row[b, j]] for j < nd, φ @ W_U[inv_s]ᵀ after.
+    backward: grad (B, nd + u) = [g_r | g_s] ->
+              grad_features = Σ_j g_r[b, j] W_U[inv_row[b, j]] + g_s W_U[inv_s];
+              row gradient (|U|, d) = index_add over inv_row of g_r[b, j] φ_b, plus
+              index_add over inv_s of g_sᵀ φ; written into ``handle`` (accumulated over
+              repeated backwards). ``anchor`` only makes autograd call this backward when
+              the features need no gradient; it gets None.
+    """
 
-    @property
-    def grad(self):
-        grads = [leaf.grad for leaf in self.leaves]
-        if any(g is None for g in grads):
-            return None
-        return torch.cat(grads)
+    @staticmethod
+    def forward(ctx, features, anchor, W_U, inv_row, inv_s, handle):
+        B, nd = inv_row.shape
+        w_row = W_U.index_select(0, inv_row.reshape(-1)).view(B, nd, -1)
+        w_s = W_U.index_select(0, inv_s)
+        ctx.save_for_backward(features, w_row, w_s, inv_row, inv_s)
+        ctx.handle, ctx.num_rows = handle, W_U.shape[0]
+        return torch.cat([(w_row * features.unsqueeze(1)).sum(-1), features @ w_s.t()], 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        features, w_row, w_s, inv_row, inv_s = ctx.saved_tensors
+        B, nd = inv_row.shape
+        g_r, g_s = grad[:, :nd], grad[:, nd:]
+        g_feat = None
+        if ctx.needs_input_grad[0]:
+            g_feat = (g_s @ w_s).add_((g_r.unsqueeze(2) * w_row).sum(1))
+        if ctx.needs_input_grad[1]:
+            g_rows = torch.zeros((ctx.num_rows, features.shape[1]), dtype=features.dtype,
+                                 device=features.device)
+            g_rows.index_add_(0, inv_row.reshape(-1),
+                              (g_r.unsqueeze(2) * features.unsqueeze(1)).reshape(B * nd, -1))
+            g_rows.index_add_(0, inv_s, g_s.t() @ features)
+            h = ctx.handle
+            h._grad = g_rows if h._grad is None else h._grad + g_rows
+        return g_feat, None, None, None, None, None
 
 
 def hybrid_logits(features: torch.Tensor, weight: torch.Tensor, row_cols: torch.Tensor,
@@ -271,9 +298,9 @@ def hybrid_logits(features: torch.Tensor, weight: torch.Tensor, row_cols: torch.
 
     row_cols (B, nd): local row ids of each sample's own columns (the hybrid estimator's
     D_b: target and top-t, so nd is small); shared_cols (u,): ids shared by the batch.
-    Row part: the B·nd rows gathered into one leaf and dotted per sample (two elementwise
-    products in backward, no (C_local, d) anything); shared part: one GEMM as
-    ``batch_shared``. No collective.
+    The distinct rows U of both are gathered once (the handle's rows are then unique: no
+    coalescing in the optimizer); the row part is a per-sample dot, the shared part one
+    GEMM as ``batch_shared`` (:class:`_HybridLogits`). No collective.
     """
     _check(features, weight, row_cols)
     _check(features, weight, shared_cols)
@@ -281,12 +308,13 @@ def hybrid_logits(features: torch.Tensor, weight: torch.Tensor, row_cols: torch.
         raise ValueError(f"row_cols must be (B, nd) and shared_cols (u,), got "
                          f"{tuple(row_cols.shape)} and {tuple(shared_cols.shape)}")
     B, nd = row_cols.shape
-    row_cols, shared_cols = row_cols.long(), shared_cols.long()
-    w_row = _leaf(weight, row_cols.reshape(-1))                        # (B·nd, d)
-    w_shared = _leaf(weight, shared_cols)                              # (u, d)
-    z_row = (features.unsqueeze(1) * w_row.view(B, nd, -1)).sum(-1)    # (B, nd)
-    logits = torch.cat([z_row, features @ w_shared.t()], 1)
-    handle = _ConcatRowGrad([row_cols.reshape(-1), shared_cols], [w_row, w_shared], "hybrid")
+    U, inv = torch.unique(torch.cat([row_cols.reshape(-1), shared_cols]).long(),
+                          return_inverse=True)
+    grad_on = torch.is_grad_enabled()
+    handle = RowGrad(U, "hybrid", unique=True, active=grad_on)
+    anchor = features.new_zeros((), requires_grad=grad_on)
+    logits = _HybridLogits.apply(features, anchor, weight.detach().index_select(0, U),
+                                 inv[:B * nd].view(B, nd), inv[B * nd:], handle)
     return logits, handle
 
 

@@ -103,12 +103,19 @@ class SparseRowOptimizer:
             rows, grad = self._coalesce(rows, grad)
         coef = self._row_coefficients(rows, lr)
         # Chunks keep the gathered rows cache-resident through the update's passes.
-        n = self._chunk or rows.numel()
-        for i in range(0, rows.numel(), n):
-            r = rows[i:i + n]
-            work = self._gather(r)
-            self._update(work, grad[i:i + n], lr, coef and tuple(c[i:i + n] for c in coef))
-            self.weight.index_copy_(0, r, work["param"])
+        u = rows.numel()
+        n = min(self._chunk or u, u)
+        for i in range(0, u, n):
+            r, g, c = rows, grad, coef
+            if n < u:                   # slicing costs ops; a single chunk needs none
+                r, g = rows[i:i + n], grad[i:i + n]
+                c = coef and tuple(x[i:i + n] for x in coef)
+            work = self._gather(r, with_param=self._needs_param())
+            self._update(work, g, lr, c)
+            if "param" in work:
+                self.weight.index_copy_(0, r, work["param"])
+            elif c is not None:         # Adam without decay: add -lr·m/den to the rows
+                self.weight.index_add_(0, r, work["denom"], alpha=-lr)
             for k, buf in work.items():
                 if k in self.state:
                     self.state[k].index_copy_(0, r, buf)
@@ -170,7 +177,12 @@ class SparseRowOptimizer:
                 dtype=self.weight.dtype, device=self.weight.device)
         return self._table
 
-    def _gather(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _needs_param(self) -> bool:
+        """Whether the update reads the weight rows. Adam without weight decay does not:
+        its step is added with index_add_ (cheaper than gathering and writing them back)."""
+        return self.kind == "sgd" or self.weight_decay != 0.0
+
+    def _gather(self, rows: torch.Tensor, with_param: bool = True) -> dict[str, torch.Tensor]:
         """Rows of the weight and of each (·, d) state tensor, copied into reused scratch.
 
         The scratch (n_buffers, cap, d) grows to the largest chunk seen (25% headroom) and is
@@ -186,11 +198,12 @@ class SparseRowOptimizer:
             cap = max(u, min(self.weight.shape[0], u + u // 4))
             self._scratch = None  # free the old one first
             self._scratch = self.weight.new_empty((len(names), cap, d))
-        work = {n: self._scratch[i, :u] for i, n in enumerate(names)}
-        torch.index_select(self.weight, 0, rows, out=work["param"])
-        for k in names[1:]:
+        work = {n: self._scratch[i, :u] for i, n in enumerate(names)
+                if with_param or n != "param"}
+        for k in work:
             if k != "denom":
-                torch.index_select(self.state[k], 0, rows, out=work[k])
+                torch.index_select(self.weight if k == "param" else self.state[k], 0, rows,
+                                   out=work[k])
         return work
 
     def release_scratch(self) -> None:
@@ -211,8 +224,10 @@ class SparseRowOptimizer:
         return uniq, summed
 
     def _update(self, w: dict[str, torch.Tensor], g: torch.Tensor, lr: float, coef) -> None:
-        """In place on the working rows ``w`` (param and state, (u, d) each) given ``g``."""
-        p, wd = w["param"], self.weight_decay
+        """In place on the working rows ``w`` (param and state, (u, d) each) given ``g``.
+        Without "param" (Adam, no decay) it leaves m / den in w["denom"] for the caller to
+        add with -lr."""
+        p, wd = w.get("param"), self.weight_decay
         if self.kind == "sgd":
             if wd:
                 g = g.add(p, alpha=wd)
@@ -225,7 +240,8 @@ class SparseRowOptimizer:
             p.add_(buf, alpha=-lr * self.momentum if self.nesterov else -lr)
             return
         if self.kind == "adamw":
-            p.mul_(1.0 - lr * wd)
+            if wd:
+                p.mul_(1.0 - lr * wd)
         elif wd:
             g = g.add(p, alpha=wd)
         m, v, den = w["exp_avg"], w["exp_avg_sq"], w["denom"]
@@ -236,7 +252,10 @@ class SparseRowOptimizer:
         a_t, e_t = coef
         # Four passes; a fused addcmul with two (u, 1) operands is ~3x slower on a host.
         torch.sqrt(v, out=den).mul_(a_t).add_(e_t)
-        p.addcdiv_(m, den, value=-lr)
+        if p is None:
+            torch.div(m, den, out=den)
+        else:
+            p.addcdiv_(m, den, value=-lr)
 
     # ---------------------------------------------------------------- state
     def hparams(self) -> dict:

@@ -73,23 +73,24 @@ class _SampledMixedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, a, o, keep, tgt, T, lam, group):
         B, has_ce = z.shape[0], tgt is not None
-        # Rows of X: ŝ, t̂ and (with the CE) c; one op each for max, exp and sum below.
-        rows = [z / T - o, a.to(z.dtype) / T - o] + ([z - o] if has_ce else [])
-        X = torch.where(keep, torch.stack(rows), float("-inf"))          # (r, B, n)
-        maxima = X.amax(2) if z.shape[1] else z.new_full((len(rows), B), float("-inf"))
+        # Rows of R: ŝ, t̂ and (with the CE) c, so max, exp and sum are one op each.
+        r = 3 if has_ce else 2
+        scale = z.new_tensor([1.0 / T, 1.0 / T, 1.0][:r]).view(r, 1, 1)
+        R = torch.stack([z, a.to(z.dtype), z][:r]) * scale - o              # (r, B, n)
+        X = torch.where(keep, R, float("-inf"))
+        maxima = X.amax(2) if z.shape[1] else z.new_full((r, B), float("-inf"))
         shift = torch.nan_to_num(_all_reduce(maxima, dist.ReduceOp.MAX, group),
                                  neginf=0.0)          # a row with no column anywhere: 0
         E = torch.exp(X - shift.unsqueeze(2))                            # 0 where masked
-        cross = (E[1] * torch.where(keep, X[0], 0.0)).sum(1)             # Σ e_t ŝ
-        parts = [E.sum(2), cross.unsqueeze(0)]
+        parts = [E.sum(2), torch.linalg.vecdot(E[1], R[0]).unsqueeze(0)]  # Σ e_t ŝ
         if has_ce:
-            parts.append(torch.where(tgt, X[2], 0.0).sum(1).unsqueeze(0))   # c at y
+            parts.append(torch.where(tgt, R[2], 0.0).sum(1, keepdim=True).t())  # c at y
         sums = _all_reduce(torch.cat(parts), dist.ReduceOp.SUM, group)
-        lse = shift + torch.log(sums[:len(rows)])
-        kd = (lse[0] - sums[len(rows)] / sums[1]).mean()
+        lse = shift + torch.log(sums[:r])
+        kd = (lse[0] - sums[r] / sums[1]).mean()
         ce = (lse[2] - sums[-1]).mean() if has_ce else z.new_tensor(float("nan"))
         ctx.coef, ctx.has_ce = (lam * T / B, (1.0 - lam) / B), has_ce
-        ctx.save_for_backward(E / sums[:len(rows)].unsqueeze(2), tgt)   # q̂, p̂ (, q_c)
+        ctx.save_for_backward(E / sums[:r].unsqueeze(2), tgt)          # q̂, p̂ (, q_c)
         loss = lam * T * T * kd + ((1.0 - lam) * ce if has_ce else 0.0)
         return loss, kd, ce
 

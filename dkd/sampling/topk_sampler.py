@@ -28,7 +28,8 @@ Same SampleSet outputs, corrections ("expected" / "paper") and D as the dense sa
   tail), so the samples touch mostly the same head rows. Cost O(B·K + B·m).
 * ``hybrid``: D_b per row as per_sample; m draws from the unrestricted r̄ (a row by its
   mass, then an inverse-CDF draw within that row: O(B + m·K)) shared by the batch, with
-  r̄ and the teacher logits at them from the same (B, u) look-up as batch_shared.
+  r̄ and the teacher logits at them from the same (B, u) look-up as batch_shared. When
+  B·C <= DENSE_HYBRID_ENTRIES it builds the completed (B, C) teacher and r̄ instead.
 
 ``workspace`` (a dict the caller keeps across steps) holds one (C,) int32 scratch slot
 map, allocated once: class id -> column. Without it the map is allocated per call
@@ -44,7 +45,7 @@ import torch
 
 from dkd.head.shard import owner_of, stratified_counts
 from dkd.sampling.proposals import LaplaceMixtureProposal, Proposal, UniformProposal
-from dkd.sampling.sampler import CORRECTIONS, MODES, SampleSet, hybrid_set
+from dkd.sampling.sampler import CORRECTIONS, MODES, SampleSet, _draw, hybrid_set
 
 _F64 = torch.float64
 
@@ -560,18 +561,37 @@ def _nth_outside(ids: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
     return i + torch.searchsorted(gaps, i.unsqueeze(1), right=True).squeeze(1)
 
 
+# Up to this many B·C entries the hybrid sampler works on the dense completed teacher: a
+# few O(B·C) passes cost less than the O(B·K) look-ups' dozens of small operations.
+DENSE_HYBRID_ENTRIES = 2 ** 20
+
+
 def _hybrid(teacher, y, proposal, m, top_t, correction, generator, workspace):
     """D_b per row (as per_sample) + m draws from the unrestricted r̄ shared by the batch."""
-    C, K = teacher.num_classes, teacher.k
+    B, K, C = teacher.ids.shape[0], teacher.k, teacher.num_classes
     pk, tail = _row_probs(teacher, proposal, workspace)
-    draws, counts = torch.unique(_draw_rbar(teacher, pk, tail, m, generator, workspace),
-                                 return_counts=True)
-    a_s, rbar = _shared_lookup(teacher, draws, pk, tail, workspace)
-    total = (pk.sum(1) + tail * (C - K)).mean()                          # r̄'s mass
-    o = torch.log(rbar) - torch.log(total) - torch.log(counts.double())
+    if B * C <= DENSE_HYBRID_ENTRIES:
+        dense = teacher.dense()                                          # (B, C)
+        # r̄ = mean_b tail_b + Σ_b (r_b - tail_b) / B on each row's top-K: (C,) float64
+        rbar_all = tail.mean().expand(C).clone().index_add_(
+            0, teacher.ids.reshape(-1), (pk - tail.unsqueeze(1)).reshape(-1), alpha=1.0 / B)
+        total = rbar_all.sum()                                           # r̄'s mass
+        draws, counts = torch.unique(_draw(rbar_all, m, generator), return_counts=True)
+        rbar, a_s = rbar_all.index_select(0, draws), dense.index_select(1, draws)
+    else:
+        dense = None
+        total = (pk.sum(1) + tail * (C - K)).mean()
+        draws, counts = torch.unique(_draw_rbar(teacher, pk, tail, m, generator, workspace),
+                                     return_counts=True)
+        a_s, rbar = _shared_lookup(teacher, draws, pk, tail, workspace)
+    o = torch.log(rbar / (counts * total))          # log(r̄(c) / R) - log(count)
     if correction == "expected":
         o = o + math.log(m)
-    det, det_a, _, _ = _row_deterministic(teacher, y, top_t)
+    if dense is not None and top_t == 0:
+        det = y.long().unsqueeze(1)
+        det_a = dense.gather(1, det)
+    else:
+        det, det_a, _, _ = _row_deterministic(teacher, y, top_t)
     return hybrid_set(det, draws, o.float()), torch.cat([det_a, a_s], 1)
 
 
