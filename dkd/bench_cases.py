@@ -143,13 +143,21 @@ class HeadBench:
         self._torch_head = None
 
     # ------------------------------------------------------------ sampled
+    def _fresh_teacher(self) -> TopKTeacher:
+        """The batch's teacher as a new object: its per-batch derived data (completion
+        logit, sorted top-K) is computed inside the timed step, as in training, instead
+        of being cached across repeats of the same batch."""
+        t = self.teacher
+        return TopKTeacher(t.ids, t.logits, t.lse, t.num_classes)
+
     def _sample(self, proposal, mode, k, generator):
+        teacher = self._fresh_teacher()
         if mode == "batch_shared" and self.world > 1:
-            s, a = sample_stratified_topk(self.teacher, self.y, proposal, k, self.bounds,
+            s, a = sample_stratified_topk(teacher, self.y, proposal, k, self.bounds,
                                           self.rank, generator=generator,
                                           workspace=self.workspace)
             return s, a, s.classes - self.start, None
-        s, a = sample_classes_topk(self.teacher, self.y, proposal, k, mode=mode,
+        s, a = sample_classes_topk(teacher, self.y, proposal, k, mode=mode,
                                    generator=generator, workspace=self.workspace,
                                    return_teacher=True)
         if self.world == 1:

@@ -157,22 +157,35 @@ def test_per_sample_sets(K, name, correction):
         torch.testing.assert_close(est, torch.exp(z).scatter(1, D, 0.0).sum(1), rtol=0.03, atol=0)
 
 
+def _shared_sets(K, name, mode, seed, m=40_000, top_t=1):
+    """One large draw of a shared-draw mode: (t, y, prop, m, top_t, generator, s, a)."""
+    t, y = _teacher(K)
+    prop = PROPOSALS[name]()
+    g = torch.Generator().manual_seed(seed)
+    s, a = sample_classes_topk(t, y, prop, m, mode=mode, top_t=top_t, generator=g,
+                               return_teacher=True)
+    return t, y, prop, m, top_t, g, s, a
+
+
+def _draw_counts(rbar, draws, o, m):
+    """The draw counts the corrections o = log(m r̄) - log(count) encode: whole numbers
+    that add up to m. Returns them."""
+    count = torch.exp(torch.log(m * rbar[draws]) - o)
+    torch.testing.assert_close(count, count.round(), rtol=0, atol=1e-3)
+    assert int(count.round().sum()) == m
+    return count.round()
+
+
 @pytest.mark.parametrize("K", [C, 5])
 @pytest.mark.parametrize("name", ["uniform", "dis", "ftis"])
 def test_batch_shared_sets(K, name):
-    t, y = _teacher(K)
-    prop, m, top_t = PROPOSALS[name](), 40_000, 1
-    g = torch.Generator().manual_seed(4)
-    s, a = sample_classes_topk(t, y, prop, m, mode="batch_shared", top_t=top_t, generator=g,
-                               return_teacher=True)
+    t, y, prop, m, top_t, g, s, a = _shared_sets(K, name, "batch_shared", 4)
     rbar, det = _dense_rbar(t, y, prop, top_t)
     nd = det.numel()
     assert torch.equal(s.classes[:nd], det) and s.classes.unique().numel() == s.num_columns
     torch.testing.assert_close(a, s.gather(t.dense()).to(a.dtype))
     draws, o = s.classes[nd:], s.log_correction[nd:].double()
-    count = torch.exp(torch.log(m * rbar[draws]) - o)    # o = log(m r̄) - log(count)
-    torch.testing.assert_close(count, count.round(), rtol=0, atol=1e-3)
-    assert int(count.round().sum()) == m
+    _draw_counts(rbar, draws, o, m)
     z = torch.randn(C, generator=g, dtype=torch.float64)
     ref = torch.exp(z).sum() - torch.exp(z[det]).sum()
     torch.testing.assert_close(torch.exp(z[draws] - o).sum(), ref, rtol=0.03, atol=0)
@@ -225,11 +238,7 @@ def test_hybrid_sets(K, name, dense, monkeypatch):
     the dense small-C path and the O(B·K) look-up path alike."""
     import dkd.sampling.topk_sampler as ts
     monkeypatch.setattr(ts, "DENSE_HYBRID_ENTRIES", B * C if dense else 0)
-    t, y = _teacher(K)
-    prop, m, top_t = PROPOSALS[name](), 40_000, 1
-    g = torch.Generator().manual_seed(6)
-    s, a = sample_classes_topk(t, y, prop, m, mode="hybrid", top_t=top_t, generator=g,
-                               return_teacher=True)
+    t, y, prop, m, top_t, g, s, a = _shared_sets(K, name, "hybrid", 6)
     _, D = _dense_per_sample(t, y, prop, top_t)
     dense = t.dense()
     r = prop.class_probs(dense, teacher_ranking(dense)[1]).double()
@@ -243,10 +252,8 @@ def test_hybrid_sets(K, name, dense, monkeypatch):
     assert torch.equal(s.mask[:, nd:], ~(D.unsqueeze(2) == draws.view(1, 1, -1)).any(1))
     assert bool(s.mask[:, :nd].all()) and bool(s.deterministic[:, :nd].all())
     o = s.log_correction[0, nd:].double()
-    count = torch.exp(torch.log(m * rbar[draws]) - o)    # o = log(m r̄) - log(count)
-    torch.testing.assert_close(count, count.round(), rtol=0, atol=1e-3)
-    assert int(count.round().sum()) == m
-    freq = torch.zeros(C, dtype=torch.float64).index_add_(0, draws, count.round()) / m
+    count = _draw_counts(rbar, draws, o, m)
+    freq = torch.zeros(C, dtype=torch.float64).index_add_(0, draws, count) / m
     assert float(((freq - rbar).abs() - 5 * (rbar / m).sqrt()).max()) < 1e-3
     z = torch.randn(B, C, generator=g, dtype=torch.float64)
     est = (torch.exp(z[:, draws] - o) * s.mask[:, nd:]).sum(1)
@@ -254,12 +261,10 @@ def test_hybrid_sets(K, name, dense, monkeypatch):
 
 
 def test_nth_outside_enumerates_the_complement():
-    """_nth_outside(ids, i) is the i-th class not in the row, for every i, no rejection."""
+    """_nth_outside(t, b, i) is the i-th class not in row b's top-K, for every i and row."""
     from dkd.sampling.topk_sampler import _nth_outside
-    g = torch.Generator().manual_seed(8)
-    ids = torch.stack([torch.randperm(C, generator=g)[:5] for _ in range(3)])
-    for r in range(3):
-        rest = [c for c in range(C) if c not in ids[r].tolist()]
+    t, _ = _teacher(5)
+    for r in range(B):
+        rest = [c for c in range(C) if c not in t.ids[r].tolist()]
         i = torch.arange(C - 5)
-        got = _nth_outside(ids[r].expand(C - 5, 5), i)
-        assert got.tolist() == rest
+        assert _nth_outside(t, torch.full_like(i, r), i).tolist() == rest

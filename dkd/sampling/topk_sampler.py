@@ -64,6 +64,7 @@ class TopKTeacher:
     lse: torch.Tensor
     num_classes: int
     _rest: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _gap_keys: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if self.ids.dim() != 2 or self.logits.shape != self.ids.shape:
@@ -100,6 +101,18 @@ class TopKTeacher:
                 self._rest = (lse + torch.log(left.clamp_min(torch.finfo(_F64).tiny))
                               - math.log(C - K))
         return self._rest
+
+    def gap_keys(self) -> torch.Tensor:
+        """(B·K,) sorted keys b·C + (s_q − q) of each row's sorted top-K ids s: the number
+        of classes outside the row's top-K below s_q, offset by row. The i-th class outside
+        row b's top-K is then i + #{keys of row b <= b·C + i} (one searchsorted for many
+        draws; see :func:`_nth_outside`). Computed once per object."""
+        if self._gap_keys is None:
+            B, K = self.ids.shape
+            s = self.ids.sort(1).values - torch.arange(K, device=self.ids.device)
+            rows = torch.arange(B, device=self.ids.device).unsqueeze(1) * self.num_classes
+            self._gap_keys = (s + rows).reshape(-1)
+        return self._gap_keys
 
     def log_partition(self, T: float) -> torch.Tensor:
         """(B,) float64 log Σ_c exp(a_c / T) over the completed teacher."""
@@ -264,14 +277,13 @@ def _row_probs(teacher: TopKTeacher, proposal: Proposal, workspace=None):
                          f"proposal; the top-K sampler supports uniform, dis and ftis")
     T, eps = proposal.temperature, getattr(proposal, "eps", 0.0)
     lt = teacher.logits.double() / T                                   # (B, K)
-    if K < C:
-        rt = teacher.rest_logit() / T                                  # (B,)
-        lz = torch.logsumexp(torch.cat([lt, (rt + math.log(C - K)).unsqueeze(1)], 1), 1)
-        tail = torch.exp(rt - lz)
+    if K < C:   # one softmax over [top-K logits, the tail's total]: (B, K + 1)
+        rt = teacher.rest_logit() / T + math.log(C - K)                # (B,)
+        sm = torch.softmax(torch.cat([lt, rt.unsqueeze(1)], 1), 1)
+        pk, tail = sm[:, :K], sm[:, K] / (C - K)
     else:
-        lz = torch.logsumexp(lt, 1)
-        tail = torch.zeros_like(lz)
-    pk = torch.exp(lt - lz.unsqueeze(1))
+        pk = torch.softmax(lt, 1)
+        tail = torch.zeros_like(pk[:, 0])
     if eps:
         pk, tail = (1.0 - eps) * pk + eps / C, (1.0 - eps) * tail + eps / C
     return pk, tail
@@ -289,7 +301,8 @@ def _slot_map(workspace: dict | None, C: int, device) -> torch.Tensor:
 
 def _topk_hits(ids: torch.Tensor, cls: torch.Tensor, workspace, C: int):
     """Entries of ids (B, K) that are among the unique classes cls (n,) (all < C):
-    (flat entry index (h,), column in cls (h,)). O(B·K + n), no sort."""
+    (flat entry index (h,), column in cls (h,)). O(B·K + n), no sort (a slot map: on a
+    host it is ~4x faster than a searchsorted of the B·K ids into sorted cls)."""
     n = cls.numel()
     flat = ids.reshape(-1)
     if n == 0:
@@ -532,33 +545,73 @@ def _batch_shared(teacher, y, proposal, m, top_t, correction, generator, workspa
 
 # ---------------------------------------------------------------- hybrid
 def _draw_rbar(teacher, pk, tail, m, generator, workspace):
-    """m i.i.d. draws from r̄ over all C classes (nothing excluded), O(B + m·K): row b with
-    probability ∝ its mass, then an inverse-CDF draw from r_b's [top-K, tail] entries of
-    that row only (a tail entry becomes a uniform class outside the row's top-K)."""
+    """m i.i.d. draws from r̄ over all C classes (nothing excluded), O(B·K + m log(B·K)):
+    a row b with probability ∝ its mass, then an inverse-CDF draw from r_b's
+    [top-K, tail] entries by one searchsorted over every row's normalised CDF offset by
+    its row index (so the rows form one sorted array); a tail entry becomes the i-th class
+    outside the row's top-K, i uniform (:func:`_nth_outside`: no rejection, no sort)."""
     B, K = teacher.ids.shape
     C, dev, gdev = teacher.num_classes, teacher.ids.device, _gen_device(generator)
-    tail_mass = tail * (C - K)                                           # (B,)
-    mass = pk.sum(1) + tail_mass                                         # (B,) or (1,)+(B,)
-    b = torch.multinomial(mass.to(gdev), m, replacement=True, generator=generator).to(dev)
-    rows = pk.expand(B, K).index_select(0, b)                            # (m, K)
-    cdf = torch.cat([rows, tail_mass.index_select(0, b).unsqueeze(1)], 1).cumsum_(1)
-    u = torch.rand((m, 1), dtype=cdf.dtype, generator=generator, device=gdev).to(dev)
-    j = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1).clamp_(max=K)
-    ids = teacher.ids.index_select(0, b)                                 # (m, K)
-    c = ids.gather(1, j.clamp(max=K - 1).unsqueeze(1)).squeeze(1)
-    if K < C:   # tail entries: the i-th class outside the row's top-K, i uniform in [0, C-K)
-        i = torch.randint(0, C - K, (m,), generator=generator, device=gdev).to(dev)
-        c = torch.where(j == K, _nth_outside(ids, i), c)
+    P = torch.cat([pk.expand(B, K), (tail * (C - K)).unsqueeze(1)], 1)      # (B, K + 1)
+    mass = P.sum(1, keepdim=True)
+    b = torch.multinomial(mass.squeeze(1).to(gdev), m, replacement=True,
+                          generator=generator).to(dev)
+    keys = P.cumsum_(1).div_(mass.clamp_min(1e-300)).clamp_(max=1.0)
+    keys += torch.arange(B, device=dev, dtype=keys.dtype).unsqueeze(1)   # row b: (b, b+1]
+    u = torch.rand(m, dtype=keys.dtype, generator=generator, device=gdev).to(dev)
+    j = (torch.searchsorted(keys.view(-1), b + u, right=True) - b * (K + 1)).clamp_(max=K)
+    c = teacher.ids.view(-1).index_select(0, b * K + j.clamp(max=K - 1))
+    if K < C:   # tail entries: a uniform class outside the row's top-K
+        c = torch.where(j == K, _uniform_outside(teacher, b, generator), c)
     return c
 
 
-def _nth_outside(ids: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-    """The i-th (0-based) class id not in each row of ids (m, K), without rejection: with
-    the row sorted, s_q - q counts the classes outside it below s_q, so the answer is
-    i + #{q : s_q - q <= i}."""
-    s = ids.sort(1).values
-    gaps = s - torch.arange(s.shape[1], device=s.device)
-    return i + torch.searchsorted(gaps, i.unsqueeze(1), right=True).squeeze(1)
+def _draw_ranked(teacher, proposal, m, generator, workspace):
+    """m i.i.d. draws from r̄ for a rank proposal, O(m): every row's r_b is the same rank
+    law over C ranks (mass 1), so a draw is a uniform row b and a rank k from the law
+    (closed-form inverse CDF); rank k < K is the row's k-th top-K class, a tail rank a
+    uniform class outside its top-K (the tie the completion implies)."""
+    B, K = teacher.ids.shape
+    C, dev, gdev = teacher.num_classes, teacher.ids.device, _gen_device(generator)
+    k = _law(proposal, C, workspace).draw(0, C, m, generator).to(dev)
+    b = torch.randint(0, B, (m,), generator=generator, device=gdev).to(dev)
+    c = teacher.ids.view(-1).index_select(0, b * K + k.clamp(max=K - 1))
+    if K < C:
+        c = torch.where(k >= K, _uniform_outside(teacher, b, generator), c)
+    return c
+
+
+def _uniform_outside(teacher: TopKTeacher, b: torch.Tensor, generator) -> torch.Tensor:
+    """(m,) a uniform class outside row b's top-K for each entry of b. With K <= C/2: a
+    uniform class, re-drawn where it hits the row's top-K (an (m, K) comparison a round,
+    accepted with probability >= 1/2, nearly always 1 - K/C); whatever is still rejected
+    after a few rounds, or every entry when K > C/2, takes the exact rank-inversion
+    :func:`_nth_outside` (which sorts the top-K once per batch)."""
+    C, K, m = teacher.num_classes, teacher.k, b.numel()
+    dev, gdev = teacher.ids.device, _gen_device(generator)
+
+    def draw(high):
+        return torch.randint(0, high, (m,), generator=generator, device=gdev).to(dev)
+    if 2 * K <= C:
+        rows = teacher.ids.index_select(0, b)                               # (m, K)
+        c = draw(C)
+        for _ in range(4):
+            bad = (rows == c.unsqueeze(1)).any(1)
+            if not bool(bad.any()):
+                return c
+            c = torch.where(bad, draw(C), c)
+        bad = (rows == c.unsqueeze(1)).any(1)
+        return torch.where(bad, _nth_outside(teacher, b, draw(C - K)), c)
+    return _nth_outside(teacher, b, draw(C - K))
+
+
+def _nth_outside(teacher: TopKTeacher, b: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """The i-th (0-based) class id outside row b's top-K, elementwise: with s the row's
+    sorted ids, s_q − q counts the classes outside it below s_q, so the answer is
+    i + #{q : s_q − q <= i} (:meth:`TopKTeacher.gap_keys`, one searchsorted)."""
+    keys = teacher.gap_keys()
+    C, K = teacher.num_classes, teacher.k
+    return i + torch.searchsorted(keys, b * C + i, right=True) - b * K
 
 
 # Up to this many B·C entries the hybrid sampler works on the dense completed teacher: a
@@ -581,8 +634,9 @@ def _hybrid(teacher, y, proposal, m, top_t, correction, generator, workspace):
     else:
         dense = None
         total = (pk.sum(1) + tail * (C - K)).mean()
-        draws, counts = torch.unique(_draw_rbar(teacher, pk, tail, m, generator, workspace),
-                                     return_counts=True)
+        raw = (_draw_ranked(teacher, proposal, m, generator, workspace)
+               if proposal.rank_based else _draw_rbar(teacher, pk, tail, m, generator, workspace))
+        draws, counts = torch.unique(raw, return_counts=True)
         a_s, rbar = _shared_lookup(teacher, draws, pk, tail, workspace)
     o = torch.log(rbar / (counts * total))          # log(r̄(c) / R) - log(count)
     if correction == "expected":
