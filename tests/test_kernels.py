@@ -46,12 +46,13 @@ def test_batch_shared_matches_reference(path):
     assert weight.grad is None
 
 
-def test_hybrid_matches_reference():
+@pytest.mark.parametrize("nd", [1, 2])
+def test_hybrid_matches_reference(nd):
     """[per-row columns | shared columns] equals plain autograd on the same (B, n) columns;
     the handle holds each touched row once (targets shared by samples, a draw that is also
     a row column), with its summed gradient."""
     features, weight, gen = _setup(2)
-    row = torch.randint(0, C, (B, 2), generator=gen)
+    row = torch.randint(0, C, (B, nd), generator=gen)
     row[3, 0] = row[1, 0]                       # a target shared by two samples
     shared = torch.tensor([5, 11, 0])
     shared[1] = row[0, 0]                       # a shared draw that is also a row column

@@ -13,7 +13,7 @@ import torch
 from dkd.sampling.proposals import (LaplaceMixtureProposal, TeacherProposal, UniformProposal,
                                     teacher_ranking)
 from dkd.sampling.sampler import _non_target_order
-from dkd.sampling.topk_sampler import (TopKTeacher, batch_mixture_topk, per_sample_probs_topk,
+from dkd.sampling.topk_sampler import (TopKTeacher, batch_mixture_topk, completion_logit, per_sample_probs_topk,
                                        rank_draw, rank_interval_mass, sample_classes_topk,
                                        sample_stratified_topk, teacher_logits_at)
 
@@ -106,6 +106,13 @@ def test_completion_and_lookup():
     torch.testing.assert_close(teacher_logits_at(t, cls), dense[:, cls])
     per = torch.randint(0, C, (B, 6), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(teacher_logits_at(t, per), dense.gather(1, per))
+    # the completion logit handed over with the top-K (as the engine does) is the same
+    rest = completion_logit(t.logits, t.lse, C)
+    handed = TopKTeacher(t.ids, t.logits, t.lse, C, rest=rest)
+    torch.testing.assert_close(handed.rest_logit(), t.rest_logit())
+    torch.testing.assert_close(handed.dense(), dense)
+    with pytest.raises(ValueError, match="rest must be"):
+        TopKTeacher(t.ids, t.logits, t.lse, C, rest=rest[:2])
 
 
 @pytest.mark.parametrize("K", [C, 5])

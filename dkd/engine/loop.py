@@ -29,7 +29,7 @@ from dkd.engine.sync import check_proposal_sync
 from dkd.logging.progress import make_progress
 from dkd.logging.sinks import make_sinks
 from dkd.profiling.timers import RegionTimer
-from dkd.sampling.topk_sampler import TopKTeacher
+from dkd.sampling.topk_sampler import TopKTeacher, completion_logit
 from dkd.profiling.trace import maybe_profile
 from dkd.teacher.live import export_model
 
@@ -83,7 +83,9 @@ def micro_step(p: TrainParts, cfg: RunConfig, micro: int, timer: RegionTimer) ->
         if p.teacher is None:
             t_local = None
         elif K:
-            t_local = p.teacher.topk(x, local_ids, K)
+            ids_k, val_k, lse_k = p.teacher.topk(x, local_ids, K)
+            # The completion logit is per sample: each rank computes its own rows'.
+            t_local = (ids_k, val_k, lse_k, completion_logit(val_k, lse_k, p.data.num_classes))
         else:
             t_local = p.teacher.logits(x, local_ids)
     with timer.region("backbone_fwd"):
@@ -94,8 +96,8 @@ def micro_step(p: TrainParts, cfg: RunConfig, micro: int, timer: RegionTimer) ->
         y_g = gather_rows_nograd(y, group, sizes)
         t_g = t_local
         if isinstance(t_local, tuple):
-            ids_g, val_g, lse_g = (gather_rows_nograd(t, group, sizes) for t in t_local)
-            t_g = TopKTeacher(ids_g, val_g, lse_g, p.data.num_classes)
+            ids_g, val_g, lse_g, rest_g = (gather_rows_nograd(t, group, sizes) for t in t_local)
+            t_g = TopKTeacher(ids_g, val_g, lse_g, p.data.num_classes, rest=rest_g)
         elif t_local is not None:
             t_g = gather_rows_nograd(t_local, group, sizes)
     # The head and loss run on a detached fp32 copy of the features, so their forward and

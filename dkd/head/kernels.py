@@ -280,7 +280,11 @@ class _HybridLogits(torch.autograd.Function):
         g_r, g_s = grad[:, :nd], grad[:, nd:]
         g_feat = None
         if ctx.needs_input_grad[0]:
-            g_feat = (g_s @ w_s).add_((g_r.unsqueeze(2) * w_row).sum(1))
+            # Σ_j g_r[b, j] w_row[b, j]: a batched (1, nd)(nd, d) product; for nd = 1 a plain
+            # product (a reduction over a size-1 dim of a (B, 1, d) tensor is ~4x slower).
+            rows = (g_r * w_row[:, 0] if nd == 1
+                    else torch.bmm(g_r.unsqueeze(1), w_row).squeeze(1))
+            g_feat = (g_s @ w_s).add_(rows)
         if ctx.needs_input_grad[1]:
             g_rows = torch.zeros((ctx.num_rows, features.shape[1]), dtype=features.dtype,
                                  device=features.device)

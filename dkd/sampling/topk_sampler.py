@@ -31,10 +31,11 @@ Same SampleSet outputs, corrections ("expected" / "paper") and D as the dense sa
   r̄ and the teacher logits at them from the same (B, u) look-up as batch_shared. When
   B·C <= DENSE_HYBRID_ENTRIES it builds the completed (B, C) teacher and r̄ instead.
 
-``workspace`` (a dict the caller keeps across steps) holds one (C,) int32 scratch slot
-map, allocated once: class id -> column. Without it the map is allocated per call
-(uninitialised, so O(1) work, but a C-sized allocation). All randomness comes from
-``generator`` (CPU or the device), like the dense sampler.
+``workspace`` (a dict the caller keeps across steps) holds one (C,) int64 slot map,
+zero-initialised once: class id -> (call epoch << 32) + column, so stale entries fail one
+comparison and the map is never cleared. Without a workspace it is allocated and zeroed
+per call (O(C): pass one in training). All randomness comes from ``generator`` (CPU or
+the device), like the dense sampler.
 """
 from __future__ import annotations
 
@@ -56,13 +57,16 @@ class TopKTeacher:
 
     ids: (B, K) long class ids sorted by teacher logit, descending; logits: (B, K) their
     teacher logits (temperature-free); lse: (B,) log-sum-exp of all C teacher logits;
-    num_classes: C (K <= C).
+    num_classes: C (K <= C); rest: optional (B,) completion logit
+    (:func:`completion_logit`), when it was computed with the top-K where the teacher ran
+    (per rank, on its own rows); otherwise it is computed here on first use.
     """
 
     ids: torch.Tensor
     logits: torch.Tensor
     lse: torch.Tensor
     num_classes: int
+    rest: torch.Tensor | None = None
     _rest: torch.Tensor | None = field(default=None, init=False, repr=False)
     _gap_keys: torch.Tensor | None = field(default=None, init=False, repr=False)
 
@@ -77,6 +81,11 @@ class TopKTeacher:
             raise ValueError(f"K must satisfy 1 <= K <= num_classes = {self.num_classes}, "
                              f"got {self.ids.shape[1]}")
         self.ids = self.ids.long()
+        if self.rest is not None:
+            if self.rest.shape != self.lse.shape:
+                raise ValueError(f"rest must be (B,) = ({self.ids.shape[0]},), "
+                                 f"got {tuple(self.rest.shape)}")
+            self._rest = self.rest.double()
 
     @property
     def k(self) -> int:
@@ -92,14 +101,7 @@ class TopKTeacher:
         """(B,) float64 completion logit of every non-top-K class (-inf when K = C).
         Computed once per object (the tensors are not expected to change)."""
         if self._rest is None:
-            B, C, K = self.ids.shape[0], self.num_classes, self.k
-            if K == C:
-                self._rest = torch.full((B,), float("-inf"), dtype=_F64, device=self.ids.device)
-            else:
-                lse = self.lse.double()
-                left = -torch.expm1(torch.logsumexp(self.logits.double(), 1) - lse)  # tail mass
-                self._rest = (lse + torch.log(left.clamp_min(torch.finfo(_F64).tiny))
-                              - math.log(C - K))
+            self._rest = completion_logit(self.logits, self.lse, self.num_classes)
         return self._rest
 
     def gap_keys(self) -> torch.Tensor:
@@ -127,6 +129,19 @@ class TopKTeacher:
         out = self.rest_logit().to(self.logits.dtype).unsqueeze(1)
         out = out.expand(-1, self.num_classes).clone()
         return out.scatter_(1, self.ids, self.logits)
+
+
+def completion_logit(logits: torch.Tensor, lse: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B,) float64 logit of every non-top-K class under the KD-topk completion: the mass
+    left outside the top-K logits (B, K), spread evenly over the C − K other classes;
+    -inf when K = C. The engine computes it with the top-K, on each rank's own rows."""
+    B, K, C = logits.shape[0], logits.shape[1], num_classes
+    if K == C:
+        return torch.full((B,), float("-inf"), dtype=_F64, device=logits.device)
+    lse = lse.double()
+    # In the logits' own precision (lse comes in it too), then float64 for expm1.
+    left = -torch.expm1(torch.logsumexp(logits, 1).double() - lse)          # tail mass
+    return lse + torch.log(left.clamp_min(torch.finfo(_F64).tiny)) - math.log(C - K)
 
 
 # ---------------------------------------------------------------- rank proposals
@@ -276,43 +291,50 @@ def _row_probs(teacher: TopKTeacher, proposal: Proposal, workspace=None):
         raise ValueError(f"proposal {proposal.name!r} is neither rank-based nor the teacher "
                          f"proposal; the top-K sampler supports uniform, dis and ftis")
     T, eps = proposal.temperature, getattr(proposal, "eps", 0.0)
-    lt = teacher.logits.double() / T                                   # (B, K)
+    # The softmax runs in the teacher's precision (a proposal only has to be the one the
+    # corrections use: both come from these numbers), the rest of the sampler in float64.
+    lt = teacher.logits / T                                            # (B, K)
     if K < C:   # one softmax over [top-K logits, the tail's total]: (B, K + 1)
-        rt = teacher.rest_logit() / T + math.log(C - K)                # (B,)
-        sm = torch.softmax(torch.cat([lt, rt.unsqueeze(1)], 1), 1)
+        rt = (teacher.rest_logit() / T + math.log(C - K)).to(lt.dtype)   # (B,)
+        sm = torch.softmax(torch.cat([lt, rt.unsqueeze(1)], 1), 1).double()
         pk, tail = sm[:, :K], sm[:, K] / (C - K)
     else:
-        pk = torch.softmax(lt, 1)
+        pk = torch.softmax(lt, 1).double()
         tail = torch.zeros_like(pk[:, 0])
     if eps:
         pk, tail = (1.0 - eps) * pk + eps / C, (1.0 - eps) * tail + eps / C
     return pk, tail
 
 
-def _slot_map(workspace: dict | None, C: int, device) -> torch.Tensor:
-    """(C,) int32 scratch, content arbitrary (every read is validated)."""
+def _slot_map(workspace: dict | None, C: int, device):
+    """(C,) int64 map class -> (epoch << 32) + column, zero-initialised once, and this
+    call's epoch: an entry written in an earlier call is smaller than epoch << 32, so a
+    look-up is validated by one comparison, without re-reading the class ids."""
     ws = {} if workspace is None else workspace
     slot = ws.get("slot")
     if slot is None or slot.numel() < C or slot.device != torch.device(device):
-        slot = torch.empty(C, dtype=torch.int32, device=device)
-        ws["slot"] = slot
-    return slot
+        slot = torch.zeros(C, dtype=torch.long, device=device)
+        ws["slot"], ws["epoch"] = slot, 0
+    ws["epoch"] += 1
+    return slot, ws["epoch"]
 
 
 def _topk_hits(ids: torch.Tensor, cls: torch.Tensor, workspace, C: int):
     """Entries of ids (B, K) that are among the unique classes cls (n,) (all < C):
-    (flat entry index (h,), column in cls (h,)). O(B·K + n), no sort (a slot map: on a
-    host it is ~4x faster than a searchsorted of the B·K ids into sorted cls)."""
+    (flat entry index (h,), column in cls (h,)). O(B·K + n), no sort: one gather from
+    the epoch-stamped slot map and one comparison (a searchsorted of the B·K ids into
+    sorted cls is ~4x slower on a host)."""
     n = cls.numel()
     flat = ids.reshape(-1)
     if n == 0:
         e = flat.new_zeros(0)
         return e, e
-    slot = _slot_map(workspace, C, ids.device)
-    slot.index_copy_(0, cls, torch.arange(n, dtype=torch.int32, device=ids.device))
-    col = slot.index_select(0, flat).clamp_(0, n - 1)          # int32 indices are fine
-    hit = (cls.index_select(0, col) == flat).nonzero().squeeze(1)
-    return hit, col.index_select(0, hit).long()
+    slot, epoch = _slot_map(workspace, C, ids.device)
+    base = epoch << 32
+    slot.index_copy_(0, cls, torch.arange(base, base + n, device=ids.device))
+    val = slot.index_select(0, flat)
+    hit = (val >= base).nonzero().squeeze(1)
+    return hit, val.index_select(0, hit) - base
 
 
 def _shared_lookup(teacher, cls, pk, tail, workspace, logits: bool = True):
@@ -360,8 +382,9 @@ def _gen_device(generator):
 
 def _target_pos(teacher: TopKTeacher, y: torch.Tensor):
     """(pos_y (B,) column of the target in the top-K, K if absent; y_in (B,) bool)."""
-    y_in, pos = (teacher.ids == y.long().unsqueeze(1)).max(1)   # ids are distinct per row
-    return torch.where(y_in, pos, teacher.k), y_in
+    rows, cols = (teacher.ids == y.long().unsqueeze(1)).nonzero(as_tuple=True)  # distinct ids
+    pos = torch.full_like(y, teacher.k, dtype=torch.long).index_put_((rows,), cols)
+    return pos, pos < teacher.k
 
 
 def _rest_columns(pos_y: torch.Tensor, ranks: torch.Tensor, K: int) -> torch.Tensor:
@@ -886,5 +909,5 @@ def sample_classes_topk(teacher: TopKTeacher, y: torch.Tensor, proposal: Proposa
     return (s, a) if return_teacher else s
 
 
-__all__ = ["TopKTeacher", "sample_classes_topk", "sample_stratified_topk", "teacher_logits_at",
+__all__ = ["TopKTeacher", "completion_logit", "sample_classes_topk", "sample_stratified_topk", "teacher_logits_at",
            "batch_mixture_topk", "per_sample_probs_topk", "rank_interval_mass", "rank_draw"]
