@@ -51,6 +51,7 @@ class RunData:
     softmax: list[tuple[int, float]] = field(default_factory=list)  # (step, ms)
     proposal: list[dict[str, Any]] = field(default_factory=list)
     source: str = "metrics.jsonl"
+    mode: str | None = None          # method.mode; it matters for the sampled methods only
 
     @property
     def label(self) -> str:
@@ -104,7 +105,7 @@ def _config_facts(run_dir: Path, wb_config: dict) -> dict[str, Any]:
             raise ValueError(f"{path}: invalid YAML ({e})") from None
     method = cfg.get("method") if isinstance(cfg.get("method"), dict) else {}
     data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
-    return {"method": method.get("name"), "k": method.get("k"),
+    return {"method": method.get("name"), "k": method.get("k"), "mode": method.get("mode"),
             "classes": data.get("num_classes")}
 
 
@@ -140,7 +141,8 @@ def load_run(run_dir: str | Path) -> RunData:
         steps=summary.get("steps", max(steps, default=None)),
         top1=_num(summary.get("top1", _last(evals, "eval/top1"))),
         map=_num(summary.get("map", summary.get("mAP", _last(evals, "eval/map")))),
-        wall_s=_num(summary.get("wall_s")), softmax=softmax, source=source)
+        wall_s=_num(summary.get("wall_s")), softmax=softmax, source=source,
+        mode=pick("mode"))
     if (run_dir / "proposal.jsonl").is_file():
         run.proposal = read_jsonl(run_dir / "proposal.jsonl")
     return run
@@ -180,16 +182,20 @@ def _f(value: float, spec: str = ".3f", suffix: str = "") -> str:
     return format(value, spec) + suffix if math.isfinite(value) else "n/a"
 
 
+_SAMPLED = ("uniform", "ftis", "dis")   # the methods whose method.mode changes the estimator
+
+
 def table_rows(runs: Sequence[RunData], skip_steps: int = 0) -> tuple[list[str], list[list[str]]]:
     speed, _ = speedups(runs, skip_steps)
     has_map = any(math.isfinite(r.map) for r in runs)
-    header = ["run", "method", "k", "classes", "steps", "softmax ms (mean)",
+    header = ["run", "method", "mode", "k", "classes", "steps", "softmax ms (mean)",
               "softmax ms (median)", "speedup vs KD", "top-1"] + (["mAP"] if has_map else [])
     header.append("wall s")
     rows = []
     for run, s in zip(runs, speed):
         ms = run.softmax_ms(skip_steps)
-        row = [run.name, run.method, "-" if run.k is None else str(run.k),
+        mode = run.mode if run.mode and run.method in _SAMPLED else "-"
+        row = [run.name, run.method, mode, "-" if run.k is None else str(run.k),
                "?" if run.classes is None else str(run.classes),
                "?" if run.steps is None else str(run.steps),
                _f(_mean(ms)), _f(_median(ms)), _f(s, ".2f", "x"), _f(run.top1, ".4f")]

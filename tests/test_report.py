@@ -8,7 +8,8 @@ from dkd.logging import JsonlSink, make_sinks
 from dkd.report import load_run, write_report
 
 
-def _fake_run(root, name, method, k, softmax_ms, classes=100, top1=0.5, proposal=False):
+def _fake_run(root, name, method, k, softmax_ms, classes=100, top1=0.5, proposal=False,
+              mode="batch_shared"):
     run = root / name
     run.mkdir(parents=True)
     with JsonlSink(run / "metrics.jsonl") as sink:
@@ -17,7 +18,7 @@ def _fake_run(root, name, method, k, softmax_ms, classes=100, top1=0.5, proposal
                       "softmax_ms": ms, "sampling_ms": 0.1, "comm_ms": 0.0}, step=step)
         sink.log({"kind": "eval", "eval/top1": top1}, step=len(softmax_ms))
     summary = {"method": method, "classes": classes, "k": k, "steps": len(softmax_ms),
-               "top1": top1, "wall_s": 1.0, "name": name}
+               "top1": top1, "wall_s": 1.0, "name": name, "mode": mode}
     (run / "summary.json").write_text(json.dumps(summary))
     if proposal:
         with JsonlSink(run / "proposal.jsonl") as sink:
@@ -30,7 +31,8 @@ def test_report_table_speedup_and_plots(tmp_path):
     kd_ms = [9.0, 10.0, 11.0, 12.0, 100.0]
     dis_ms = [1.0, 2.0, 2.5, 3.0, 40.0]
     kd = _fake_run(tmp_path, "kd_run", "kd", None, kd_ms, top1=0.61)
-    dis = _fake_run(tmp_path, "dis_run", "dis", 5, dis_ms, top1=0.6, proposal=True)
+    dis = _fake_run(tmp_path, "dis_run", "dis", 5, dis_ms, top1=0.6, proposal=True,
+                    mode="hybrid")
     md = write_report([kd, dis], tmp_path / "out")
     text = md.read_text()
     assert md == tmp_path / "out" / "report.md"
@@ -45,6 +47,9 @@ def test_report_table_speedup_and_plots(tmp_path):
     assert cells["speedup vs KD"] == f"{expected:.2f}x"
     assert cells["softmax ms (median)"] == f"{statistics.median(dis_ms):.3f}"
     assert cells["method"] == "dis" and cells["k"] == "5" and cells["top-1"] == "0.6000"
+    assert cells["mode"] == "hybrid"                      # the sampled method's mode
+    kd_row = next(l for l in text.splitlines() if l.startswith("| kd_run"))
+    assert dict(zip(cols, (c.strip() for c in kd_row.strip("|").split("|"))))["mode"] == "-"
     assert "softmax_ms_C100.png" in (tmp_path / "out" / "report.html").read_text()
 
 
