@@ -20,8 +20,16 @@ def _model(run):
     return torch.load(run / "model.pt", weights_only=False)
 
 
-def test_two_ranks_match_one_rank_after_20_steps(tmp_path, teacher_dir):
-    sets = ["method.name=kd", f"teacher.checkpoint={teacher_dir}", *LAYER]
+# Sampled per-row modes draw one global sample set on every rank (seeded by the step), so
+# 2 ranks must follow the 1-rank trajectory exactly; the head's lazy optimizer must not
+# step rows a rank only saw through columns it does not own.
+@pytest.mark.parametrize("method", [["method.name=kd"],
+                                    ["method.name=dis", "method.k=3", "method.top_t=0",
+                                     "method.mode=per_sample", "train.batch_size=8"],
+                                    ["method.name=dis", "method.k=6", "method.mode=hybrid"]],
+                         ids=["kd", "dis-per_sample", "dis-hybrid"])
+def test_two_ranks_match_one_rank_after_20_steps(tmp_path, teacher_dir, method):
+    sets = [*method, f"teacher.checkpoint={teacher_dir}", *LAYER]
     train_run(tmp_path, "one", *sets)
     train_run(tmp_path, "two", *sets, nproc=2)
     a, b = _model(tmp_path / "one"), _model(tmp_path / "two")

@@ -171,3 +171,21 @@ def test_row_grad_without_feature_grad(path):
     rows, grad = handle.collect()
     ref = _reference(features, weight, cols, up)[2]
     torch.testing.assert_close(torch.zeros_like(weight).index_add_(0, rows, grad), ref)
+
+
+def test_restricted_handle_hands_only_touched_rows_to_the_optimizer():
+    """Columns clamped onto a shard as placeholders (masked in the loss) must not count as
+    touches: the lazy optimizer would otherwise step those rows with stale moments."""
+    from dkd.head.head import ShardedHead
+    head = ShardedHead(10, 4, seed=0)
+    opt = head.make_optimizer("adam", lr=0.1)
+    feats = torch.randn(3, 4)
+    cols = torch.tensor([[1, 2], [1, 9], [3, 9]])
+    owned = torch.tensor([[True, True], [True, False], [True, False]])
+    for _ in range(2):  # the second step: rows 1-3 have moments, row 9 must still not move
+        before = head.weight.clone()
+        z = head.logits_sampled(feats, cols, "union", owned=owned)
+        (z * owned).sum().backward()
+        assert head.apply_grads(opt) == 3
+        moved = (head.weight != before).any(1).nonzero().squeeze(1).tolist()
+        assert moved == [1, 2, 3]

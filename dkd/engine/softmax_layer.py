@@ -166,7 +166,10 @@ class SoftmaxLayer:
         else:
             classes = s.classes
             mask = own if s.mask is None else (own & s.mask)
-        z = head.logits_sampled(feats, local, self.kernel_path)
+        # Only columns used by some row touch a row (placeholders of other ranks' classes
+        # are clamped onto this shard and masked; see RowGrad.restrict).
+        owned = None if s.mask is None and group_size(self.group) == 1 else mask
+        z = head.logits_sampled(feats, local, self.kernel_path, owned=owned)
         tgt = (classes == y.unsqueeze(1)) if lam < 1 else None
         if tgt is not None and mask is not None:
             tgt = tgt & mask & s.deterministic
@@ -214,7 +217,7 @@ def hybrid_loss(feats, head, s: SampleSet, a, local, own, lam: float, T: float, 
         keep = own[0, nd:].nonzero().squeeze(1) + nd
         cols = torch.cat([torch.arange(nd, device=keep.device), keep])
         mask = (own & mask).index_select(1, cols)
-        z = head.logits_hybrid(feats, local[:, :nd], local[0, keep])
+        z = head.logits_hybrid(feats, local[:, :nd], local[0, keep], row_owned=mask[:, :nd])
         o, a = o.index_select(1, cols), a.index_select(1, cols)
     tgt = None
     if lam < 1:   # column 0 of D_b is the target

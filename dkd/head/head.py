@@ -89,20 +89,31 @@ class ShardedHead(nn.Module):
         return logits
 
     def logits_sampled(self, features: torch.Tensor, local_cols: torch.Tensor,
-                       path: str = "auto", unique: bool = False) -> torch.Tensor:
+                       path: str = "auto", unique: bool = False,
+                       owned: torch.Tensor | None = None) -> torch.Tensor:
         """(B, d) and local row ids (n,) or (B, k) -> (B, n) or (B, k) logits.
 
         unique: promise that 1-D ``local_cols`` has no duplicates (skips the optimizer's
-        duplicate coalescing). The kernel that ran is in ``self.last_path`` (for logging).
+        duplicate coalescing). owned: bool mask like ``local_cols`` of the columns this
+        shard really holds (the others are clamped placeholders, masked in the loss): only
+        their rows count as touched. The kernel that ran is in ``self.last_path``.
         """
         logits, handle = sampled_logits(features, self.weight, local_cols, path, unique=unique)
+        if owned is not None:
+            handle.restrict(local_cols[owned])
         self._record(handle)
         return logits
 
     def logits_hybrid(self, features: torch.Tensor, row_cols: torch.Tensor,
-                      shared_cols: torch.Tensor) -> torch.Tensor:
-        """(B, d), per-row local ids (B, nd) and shared local ids (u,) -> (B, nd + u)."""
+                      shared_cols: torch.Tensor,
+                      row_owned: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, d), per-row local ids (B, nd) and shared local ids (u,) -> (B, nd + u).
+
+        row_owned: bool mask like ``row_cols`` of the per-row columns this shard holds (as
+        ``owned`` of :meth:`logits_sampled`); the shared ids must all be owned."""
         logits, handle = hybrid_logits(features, self.weight, row_cols, shared_cols)
+        if row_owned is not None:
+            handle.restrict(torch.cat([row_cols[row_owned], shared_cols]))
         self._record(handle)
         return logits
 

@@ -68,10 +68,25 @@ class RowGrad:
             return self.leaf.grad if self.leaf.requires_grad else None
         return self._grad
 
+    def restrict(self, touched: torch.Tensor) -> None:
+        """Hand the optimizer only ``touched`` (local ids) of this call's rows.
+
+        A sharded rank computes some columns it does not own (clamped onto one of its rows,
+        then masked out of the loss); their zero gradient must not count as a touch, or the
+        lazy optimizer would step those rows with their stale moments.
+        """
+        self._touched = touched
+
     def collect(self):
         """(rows, grad (u, d)) after backward; None if no gradient reached these rows."""
         g = self.grad
-        return None if g is None else (self.rows, g)
+        if g is None:
+            return None
+        touched = getattr(self, "_touched", None)
+        if touched is None or self.rows is None:
+            return self.rows, g
+        keep = torch.isin(self.rows, touched).nonzero().squeeze(1)
+        return self.rows.index_select(0, keep), g.index_select(0, keep)
 
     def __repr__(self) -> str:
         u = "all" if self.rows is None else self.rows.numel()
