@@ -198,11 +198,12 @@ class MethodConfig(_Section):
 class OptimConfig(_Section):
     name: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam"
     """Optimizer of the backbone and the head."""
-    head_name: Optional[Literal["sgd", "adam", "adamw"]] = None
-    """Optimizer of the class-sharded head (row-sparse, lazy). Default: the same as `name`,
-    or adam when `name` is rmsprop (no row-sparse RMSProp)."""
+    head_name: Optional[Literal["sgd", "adam", "adamw", "rmsprop"]] = None
+    """Optimizer of the class-sharded head (row-sparse, lazy). Default: the same as `name`."""
     lr: float = Field(3e-3, gt=0)
     """Peak learning rate."""
+    head_lr: Optional[float] = Field(None, gt=0)
+    """Peak learning rate of the head (same schedule). Default: `lr`."""
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     """SGD / RMSProp momentum."""
     weight_decay: float = Field(0.0, ge=0.0)
@@ -221,7 +222,7 @@ class TrainConfig(_Section):
     eval_batch_size: int = Field(1024, ge=1)
     """Batch size of the held-out evaluation."""
     log_every: int = Field(10, ge=1)
-    """Steps between metric lines."""
+    """Steps between progress-bar updates (metrics are logged every step)."""
     eval_every: int = Field(0, ge=0)
     """Steps between held-out evaluations (0 = only at the end)."""
     ckpt_every: int = Field(0, ge=0)

@@ -26,8 +26,14 @@ def test_run_directory_format(tmp_path):
     assert json.loads(out.stdout.strip().splitlines()[-1])["top1"] == pytest.approx(s["top1"])
 
 
-def test_resume_continues_the_same_trajectory(tmp_path, teacher_dir):
-    sets = ["method.name=kd", f"teacher.checkpoint={teacher_dir}", "train.ckpt_every=10"]
+# dis: the proposal's schedule step is checkpointed (its right scale b2 sets the draws);
+# rmsprop: the head's row-sparse RMSProp moments are checkpointed.
+@pytest.mark.parametrize("method", [["method.name=kd"],
+                                    ["method.name=dis", "method.k=5", "method.mode=per_sample",
+                                     "optim.name=rmsprop", "optim.lr=0.001"]],
+                         ids=["kd", "dis-rmsprop"])
+def test_resume_continues_the_same_trajectory(tmp_path, teacher_dir, method):
+    sets = [*method, f"teacher.checkpoint={teacher_dir}", "train.ckpt_every=10"]
     train_run(tmp_path, "a", *sets)
     full = [m["loss"] for m in read_metrics(tmp_path / "a") if m["kind"] == "train"]
     # Pretend the run died after step 10: roll it back to its step-10 checkpoint.

@@ -62,6 +62,18 @@ def test_resume_reshards_the_head_2_to_1_and_3(tmp_path, teacher_dir):
         assert summary(tmp_path / f"w{world}")["world_size"] == world
 
 
+def test_resume_reshards_the_head_1_to_2_with_the_proposal_state(tmp_path, teacher_dir):
+    sets = ["method.name=dis", "method.k=5", "method.mode=per_sample",
+            f"teacher.checkpoint={teacher_dir}", *LAYER, "train.ckpt_every=10"]
+    train_run(tmp_path, "base", *sets)
+    want = [m["loss"] for m in read_metrics(tmp_path / "base") if m["step"] > 10]
+    _rollback(tmp_path / "base", tmp_path / "w2", 10)
+    train_run(tmp_path, "w2", *sets, nproc=2, extra=["--resume"])
+    got = [m["loss"] for m in read_metrics(tmp_path / "w2") if m["step"] > 10]
+    assert got == pytest.approx(want, rel=1e-4)
+    assert summary(tmp_path / "w2")["world_size"] == 2
+
+
 def _port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

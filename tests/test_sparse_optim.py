@@ -15,6 +15,9 @@ CASES = [
                                                                          weight_decay=0.1)),
     ("adamw", dict(lr=0.01, weight_decay=0.1), lambda p: torch.optim.AdamW(p, lr=0.01,
                                                                            weight_decay=0.1)),
+    ("rmsprop", dict(lr=0.01, momentum=0.0), lambda p: torch.optim.RMSprop(p, lr=0.01)),
+    ("rmsprop", dict(lr=0.01, momentum=0.9, weight_decay=0.1),
+     lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.9, weight_decay=0.1)),
 ]
 
 
@@ -41,13 +44,16 @@ def test_matches_dense_on_touched_rows(kind, kw, dense):
     for name, st in opt.state.items():
         zero = torch.zeros_like(st[untouched])
         assert torch.equal(st[untouched], zero), name
-    if kind != "sgd":
+    if kind == "rmsprop":
+        torch.testing.assert_close(opt.state["square_avg"][ROWS],
+                                   ref_opt.state[ref]["square_avg"])
+    elif kind != "sgd":
         torch.testing.assert_close(opt.state["exp_avg"][ROWS], ref_opt.state[ref]["exp_avg"])
         torch.testing.assert_close(opt.state["exp_avg_sq"][ROWS],
                                    ref_opt.state[ref]["exp_avg_sq"])
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("kind", ["sgd", "adamw", "rmsprop"])
 def test_duplicates_are_summed(kind):
     w0 = torch.randn(C, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     a, b = w0.clone(), w0.clone()
@@ -118,7 +124,7 @@ def test_bad_arguments():
         opt.step(ROWS.float(), torch.zeros(3, D))
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("kind", ["sgd", "adam", "rmsprop"])
 def test_chunked_step_equals_one_chunk(kind):
     w0 = torch.randn(C, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     a, b = w0.clone(), w0.clone()

@@ -59,8 +59,8 @@ def deepspeed_config(cfg: RunConfig, ctx: DistContext) -> dict:
 
 def head_optimizer(head: ShardedHead, cfg: RunConfig) -> SparseRowOptimizer:
     o = cfg.optim
-    kind = o.head_name or ("adam" if o.name == "rmsprop" else o.name)
-    return head.make_optimizer(kind, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    kind = o.head_name or o.name
+    return head.make_optimizer(kind, lr=o.head_lr or o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
 def check_inputs(cfg: RunConfig, ctx: DistContext) -> tuple[DataBundle, Any]:

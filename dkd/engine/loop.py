@@ -121,7 +121,8 @@ def train_step(p: TrainParts, cfg: RunConfig, step: int, timer: RegionTimer) -> 
     gas = cfg.dist.grad_accum
     outs = [micro_step(p, cfg, step * gas + i, timer) for i in range(gas)]
     with timer.region("softmax_layer"), timer.region("optimizer"):
-        p.head.apply_grads(p.head_opt, lr=p.lr)
+        head_lr = p.lr if cfg.optim.head_lr is None else p.lr * cfg.optim.head_lr / cfg.optim.lr
+        p.head.apply_grads(p.head_opt, lr=head_lr)
     if p.layer.proposal is not None:
         p.layer.proposal.advance()
     if gas == 1:
@@ -137,9 +138,13 @@ def _metrics(out: dict, step: int, lr: float, times: dict, iter_ms: float, p: Tr
     for name in ("softmax", "sampling", "comm", "teacher", "backbone_fwd", "backbone_bwd",
                  "optimizer"):
         m[f"{name}_ms"] = times.get(f"{name}_ms", 0.0)
+    if out.get("kernel_path"):
+        m["kernel_path"] = out["kernel_path"]  # which sampled-logit kernel ran (auto picks)
     prop = p.layer.proposal
+    if prop is not None:
+        m["proposal/step"] = prop.step
     if prop is not None and hasattr(prop, "b2"):
-        m["proposal/b2"] = prop.b2()
+        m.update({"proposal/w": prop.w, "proposal/b1": prop.b1, "proposal/b2": prop.b2()})
     return m
 
 
@@ -197,9 +202,12 @@ def _run_steps(p: TrainParts, cfg: RunConfig, run_dir: Path, sinks, start_step: 
             prof.step()
             times, iter_ms = timer.collect(), (time.perf_counter() - t0) * 1e3
             done = step + 1
+            # Every step is logged (the softmax-layer time of every iteration); the timer
+            # has already waited for this step's events, so reading the loss costs no
+            # extra synchronisation. log_every only paces the progress bar.
+            m = _metrics(out, step, p.lr, times, iter_ms, p)
+            sinks.log(m, step=done)
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                m = _metrics(out, step, p.lr, times, iter_ms, p)
-                sinks.log(m, step=done)
                 bar.update(step, loss=m["loss"], softmax_ms=m["softmax_ms"])
             if cfg.train.eval_every and done % cfg.train.eval_every == 0:
                 sinks.log(_eval_line(_eval(p, cfg), done), step=done)

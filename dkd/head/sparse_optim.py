@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import torch
 
-KINDS = ("sgd", "adam", "adamw")
+KINDS = ("sgd", "adam", "adamw", "rmsprop")
 
 
 class SparseRowOptimizer:
-    """Lazy row-sparse SGD (momentum) / Adam / AdamW over a (C_local, d) weight, in place.
+    """Lazy row-sparse SGD (momentum) / Adam / AdamW / RMSProp over a (C_local, d) weight.
 
     lr: learning rate (weight units per gradient unit); momentum: SGD momentum in [0, 1);
-    betas: Adam decay rates in [0, 1); eps: Adam denominator floor; weight_decay: L2 for
-    sgd/adam (added to the gradient), decoupled decay for adamw, applied to touched rows only.
+    betas: Adam decay rates in [0, 1); alpha: RMSProp's decay of the squared gradient;
+    eps: Adam / RMSProp denominator floor; weight_decay: L2 for sgd/adam/rmsprop (added to
+    the gradient), decoupled decay for adamw, applied to touched rows only. RMSProp follows
+    torch.optim.RMSprop (centered=False), momentum included.
     chunk_rows: rows updated per pass when ``rows`` are unique (None: ~1 MiB per buffer on
     a host, all rows at once on an accelerator).
     """
@@ -40,7 +42,7 @@ class SparseRowOptimizer:
     def __init__(self, weight: torch.Tensor, kind: str = "adamw", lr: float = 1e-3,
                  momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, nesterov: bool = False,
-                 chunk_rows: int | None = None):
+                 chunk_rows: int | None = None, alpha: float = 0.99):
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError("weight must be a (C_local, d) tensor")
         if weight.requires_grad:
@@ -51,6 +53,8 @@ class SparseRowOptimizer:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if not 0.0 <= alpha < 1.0:
+            raise ValueError(f"alpha must be in [0, 1), got {alpha}")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be two floats in [0, 1), got {betas}")
         if not eps >= 0.0 or not weight_decay >= 0.0:
@@ -58,8 +62,11 @@ class SparseRowOptimizer:
         self.weight, self.kind, self.lr = weight, kind, float(lr)
         self.momentum, self.betas, self.eps = float(momentum), tuple(map(float, betas)), float(eps)
         self.weight_decay, self.nesterov = float(weight_decay), bool(nesterov)
+        self.alpha = float(alpha)
         self.state: dict[str, torch.Tensor] = {}
-        if kind == "sgd" and momentum > 0:
+        if kind == "rmsprop":
+            self.state["square_avg"] = torch.zeros_like(weight)
+        if kind in ("sgd", "rmsprop") and momentum > 0:
             self.state["momentum_buffer"] = torch.zeros_like(weight)
         if kind in ("adam", "adamw"):
             self.state["exp_avg"] = torch.zeros_like(weight)
@@ -150,7 +157,7 @@ class SparseRowOptimizer:
         (computed in float64, as torch.optim does its bias math): two look-ups per step
         instead of a dozen small ops, which is what a step over a few hundred rows costs.
         """
-        if self.kind == "sgd":
+        if self.kind not in ("adam", "adamw"):
             return None
         step = self.state["step"]
         if rows is None:
@@ -180,7 +187,7 @@ class SparseRowOptimizer:
     def _needs_param(self) -> bool:
         """Whether the update reads the weight rows. Adam without weight decay does not:
         its step is added with index_add_ (cheaper than gathering and writing them back)."""
-        return self.kind == "sgd" or self.weight_decay != 0.0
+        return self.kind in ("sgd", "rmsprop") or self.weight_decay != 0.0
 
     def _gather(self, rows: torch.Tensor, with_param: bool = True) -> dict[str, torch.Tensor]:
         """Rows of the weight and of each (·, d) state tensor, copied into reused scratch.
@@ -239,6 +246,17 @@ class SparseRowOptimizer:
                 p.add_(g, alpha=-lr)
             p.add_(buf, alpha=-lr * self.momentum if self.nesterov else -lr)
             return
+        if self.kind == "rmsprop":
+            if wd:
+                g = g.add(p, alpha=wd)
+            v = w["square_avg"].mul_(self.alpha).addcmul_(g, g, value=1.0 - self.alpha)
+            den = v.sqrt().add_(self.eps)
+            if self.momentum == 0:
+                p.addcdiv_(g, den, value=-lr)
+                return
+            buf = w["momentum_buffer"].mul_(self.momentum).addcdiv_(g, den)
+            p.add_(buf, alpha=-lr)
+            return
         if self.kind == "adamw":
             if wd:
                 p.mul_(1.0 - lr * wd)
@@ -261,7 +279,7 @@ class SparseRowOptimizer:
     def hparams(self) -> dict:
         return {"kind": self.kind, "lr": self.lr, "momentum": self.momentum,
                 "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay,
-                "nesterov": self.nesterov}
+                "nesterov": self.nesterov, "alpha": self.alpha}
 
     def state_dict(self) -> dict:
         """Hyperparameters and the (C_local, ...) state tensors (references, like torch)."""
@@ -274,6 +292,7 @@ class SparseRowOptimizer:
         self.lr, self.momentum, self.betas = float(h["lr"]), float(h["momentum"]), tuple(h["betas"])
         self.eps, self.weight_decay = float(h["eps"]), float(h["weight_decay"])
         self.nesterov = bool(h.get("nesterov", False))
+        self.alpha = float(h.get("alpha", 0.99))
         self._table = None                              # betas / eps may have changed
         self.load_rows_state(0, sd["state"])
 
