@@ -99,7 +99,7 @@ def _csv(text: str, cast=str) -> list:
 @app.command()
 def fidelity(classes: int = typer.Option(1000, help="Class count C."),
              batch: int = typer.Option(64, help="Batch size B."),
-             k: str = typer.Option("10,100,1000", help="Comma-separated k values (draws m)."),
+             k: str = typer.Option("10,100,1000", help="Comma-separated per-row budgets k (target + k - 1 draws; k >= C is skipped)."),
              dim: int = typer.Option(64, help="Feature dimension d."),
              seeds: int = typer.Option(3, help="Random problems averaged."),
              methods: str = typer.Option("uniform,ftis,dis,pdbs", help="Methods to compare."),
@@ -109,6 +109,9 @@ def fidelity(classes: int = typer.Option(1000, help="Class count C."),
     from dkd.fidelity import fidelity_markdown, run_fidelity, write_fidelity
 
     ks = [x for x in _csv(k, int) if x < classes]
+    skipped = [x for x in _csv(k, int) if x >= classes]
+    if skipped:
+        typer.echo(f"skipping k = {skipped}: k must be < --classes ({classes})", err=True)
     if not ks:
         _fail(f"--k: every k must be < --classes ({classes}); got {k}")
     try:
@@ -143,8 +146,8 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("softmax")
 def bench_softmax(classes: str = typer.Option("751,10000,100000", help="Class counts C."),
                   k: str = typer.Option("20,120,1000", help="Draws m (k >= C is skipped)."),
-                  batch: int = typer.Option(256, help="Global batch B."),
-                  dim: int = typer.Option(512, help="Feature dimension d."),
+                  batch: str = typer.Option("256", help="Global batch sizes B."),
+                  dim: str = typer.Option("512", help="Feature dimensions d."),
                   world_sizes: str = typer.Option("1,2", help="Ranks P (gloo processes)."),
                   methods: str = typer.Option("uniform,ftis,dis", help="Sampled methods."),
                   modes: str = typer.Option("batch_shared,per_sample,hybrid", help="Application modes."),
@@ -158,9 +161,13 @@ def bench_softmax(classes: str = typer.Option("751,10000,100000", help="Class co
     from dkd.bench import bench_markdown, run_softmax_bench, write_bench
 
     try:
-        records = run_softmax_bench(_csv(classes, int), _csv(k, int), batch, dim,
-                                    _csv(world_sizes, int), _csv(methods), _csv(modes),
-                                    warmup, repeats, teacher_topk, threads=threads)
+        records = []
+        for b in _csv(batch, int):      # every (B, d) pair has its own full-KD baseline
+            for d in _csv(dim, int):
+                records += run_softmax_bench(_csv(classes, int), _csv(k, int), b, d,
+                                             _csv(world_sizes, int), _csv(methods),
+                                             _csv(modes), warmup, repeats, teacher_topk,
+                                             threads=threads)
     except ValueError as err:
         _fail(str(err))
     md = write_bench(records, str(out))

@@ -37,6 +37,14 @@ def _stride(xs: list, ys: list) -> tuple[list, list]:
     return xs[::step], ys[::step]
 
 
+def _rolling_median(ys: list[float], min_points: int = 200) -> list[float] | None:
+    """Centred rolling median over ~2 % of the series (None for short series)."""
+    if len(ys) < min_points:
+        return None
+    half = max(2, len(ys) // 100)
+    return [statistics.median(ys[max(0, i - half):i + half + 1]) for i in range(len(ys))]
+
+
 def _wide_range(values: list[float]) -> bool:
     positive = [v for v in values if v > 0]
     return bool(positive) and max(positive) / min(positive) > 20
@@ -54,7 +62,14 @@ def plot_softmax_ms(runs: Sequence["RunData"], path: Path, title: str,
     ax = fig.add_subplot()
     for run, pts in series:
         xs, ys = _stride([p[0] for p in pts], [p[1] for p in pts])
-        ax.plot(xs, ys, lw=0.8, label=f"{run.name}: {run.label}")
+        smooth = _rolling_median(ys)
+        if smooth is None:
+            ax.plot(xs, ys, lw=0.8, label=f"{run.name}: {run.label}")
+            continue
+        # Per-iteration times are noisy on a shared host: the raw series faint, a rolling
+        # median on top so runs can be told apart.
+        line, = ax.plot(xs, ys, lw=0.5, alpha=0.25)
+        ax.plot(xs, smooth, lw=1.6, color=line.get_color(), label=f"{run.name}: {run.label}")
     if _wide_range([ms for _, pts in series for _, ms in pts]):
         ax.set_yscale("log")
     ax.set(xlabel="training step", ylabel="softmax layer (ms / iteration)", title=title)

@@ -68,3 +68,17 @@ def test_bad_arguments():
         run_softmax_bench(classes=[50], ks=[5], methods=["pdbs"], world_sizes=[1])
     with pytest.raises(ValueError, match="world_sizes"):
         run_softmax_bench(classes=[50], ks=[5], batch=4, world_sizes=[8])
+
+
+def test_bench_softmax_command_over_batch_and_dim_lists(tmp_path):
+    """The `dkd bench softmax` command itself, with lists of batch and feature sizes."""
+    from conftest import run_cli
+    out = tmp_path / "bench.json"
+    run_cli(["bench", "softmax", "--classes", "60", "--k", "5", "--batch", "8,16", "--dim",
+             "8,12", "--world-sizes", "1", "--methods", "dis", "--modes", "batch_shared",
+             "--warmup", "1", "--repeats", "2", "--teacher-topk", "10", "--threads", "1",
+             "--out", str(out)])
+    recs = json.loads(out.read_text())
+    assert {(r["batch"], r["dim"]) for r in recs} == {(8, 8), (8, 12), (16, 8), (16, 12)}
+    assert sorted(r["method"] for r in recs) == ["dis"] * 4 + ["full"] * 4
+    assert out.with_suffix(".md").is_file()

@@ -66,3 +66,19 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="proposal"):
         from dkd.sampling.proposals import build_proposal
         build_proposal("nope")
+
+
+def test_fidelity_command_writes_json_and_markdown(tmp_path):
+    from conftest import run_cli
+    out = tmp_path / "fid.json"
+    proc = run_cli(["fidelity", "--classes", "40", "--batch", "8", "--k", "5,40", "--dim", "8",
+                    "--seeds", "1", "--methods", "dis,pdbs", "--out", str(out)])
+    assert "skipping k = [40]" in proc.stderr
+    recs = json.loads(out.read_text())
+    assert recs and {r["k"] for r in recs} == {5}
+    for r in recs:
+        for key in ("method", "mode", "correction", "classes", "cosine_logits",
+                    "cosine_weight", "rel_err"):
+            assert key in r
+        assert -1.0 <= r["cosine_logits"] <= 1.0
+    assert out.with_suffix(".md").is_file()

@@ -4,11 +4,13 @@ import re
 import statistics
 
 from conftest import read_metrics, run_cli, train_run
-from dkd.logging.sinks import read_wandb_offline
+from dkd.logging.sinks import read_wandb_artifacts, read_wandb_offline
 
 
 def test_profiled_runs_wandb_readback_and_report(tmp_path, teacher_dir):
-    common = [f"teacher.checkpoint={teacher_dir}", "train.steps=12", "wandb.mode=offline"]
+    # log_every only paces the progress bar: every step is still logged.
+    common = [f"teacher.checkpoint={teacher_dir}", "train.steps=12", "wandb.mode=offline",
+              "train.log_every=5"]
     train_run(tmp_path, "full", "method.name=kd", "profiling.enabled=true",
               "profiling.wait=1", "profiling.warmup=1", "profiling.active=2", *common)
     train_run(tmp_path, "dis", "method.name=dis", "method.k=5", *common)
@@ -27,6 +29,10 @@ def test_profiled_runs_wandb_readback_and_report(tmp_path, teacher_dir):
     assert config["method"]["name"] == "kd" and config["train"]["steps"] == 12
     logged = {int(h["step"]) for h in history if "softmax_ms" in h}
     assert logged == set(range(1, 13))
+    # The Chrome traces are attached to the W&B run as artifacts.
+    arts = read_wandb_artifacts(run)
+    assert {a["type"] for a in arts} == {"trace"}
+    assert {f for a in arts for f in a["files"]} == {t.name for t in traces}
 
     out = tmp_path / "report"
     run_cli(["report", str(run), str(tmp_path / "dis"), "--out", str(out)])

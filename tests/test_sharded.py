@@ -27,12 +27,13 @@ def _problem():
     y = torch.randint(0, C, (B,), generator=g)
     teacher = torch.randn(B, C, generator=g) * 3
     backbone = torch.randn(D, IN, generator=g) * 0.5
-    return x, y, teacher, backbone
+    teacher_head = torch.randn(C, 4, generator=g)              # KD-sim's teacher rows
+    return x, y, teacher, backbone, teacher_head
 
 
 def _step(method: dict, group, rank: int, world: int):
     """One forward/backward; returns loss, gathered head grad (C, D), backbone grad."""
-    x, y, teacher, w_bb = _problem()
+    x, y, teacher, w_bb, t_head = _problem()
     rows = torch.arange(B).tensor_split(world)[rank]
     w_bb = w_bb.clone().requires_grad_(True)
     f_local = x[rows] @ w_bb.T                                # (B_local, D) "backbone"
@@ -42,7 +43,7 @@ def _step(method: dict, group, rank: int, world: int):
     head = ShardedHead(C, D, group, init_std=0.5, seed=3)
     cfg = MethodConfig(**method)
     layer = SoftmaxLayer(cfg, C, head.start, head.end, group, total_steps=10)
-    out = layer(feats, head, y_g, t_g, None, torch.Generator().manual_seed(42))
+    out = layer(feats, head, y_g, t_g, t_head, torch.Generator().manual_seed(42))
     out["loss"].backward()
     grad_head = torch.zeros(head.num_local, D)
     for h in head._pending:
@@ -95,6 +96,9 @@ METHODS = [
     {"name": "hard"},
     {"name": "ls", "smoothing": 0.2},
     {"name": "kd_topk", "k": 3},
+    {"name": "kd_pt", "temperature": 2.0},
+    {"name": "kd_sim", "sim_temperature": 0.5, "sim_power": 2.0},
+    {"name": "kd_pt_sim", "pt_sim_alpha": 0.3},
     {"name": "uniform", "k": 4, "mode": "batch_shared", "lam": 0.5, "stratified": False},
     {"name": "dis", "k": 4, "mode": "per_sample", "lam": 0.5},
     {"name": "ftis", "k": 3, "mode": "per_sample"},
@@ -123,3 +127,18 @@ def test_stratified_per_rank_sampling_converges_to_full_kd(name):
     cos = torch.nn.functional.cosine_similarity(got[1].flatten(), full[1].flatten(), dim=0)
     assert cos > 0.999
     torch.testing.assert_close(got[0], full[0], atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("mode", ["batch_shared", "per_sample", "hybrid"])
+@pytest.mark.parametrize("name", ["uniform", "ftis", "dis"])
+def test_sampled_methods_never_build_full_student_logits(name, mode, monkeypatch):
+    """The sampled layer must not compute B x C student logits (PDBS is the exception)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a sampled method called logits_full")
+    monkeypatch.setattr(ShardedHead, "logits_full", refuse)
+    x, y, teacher, w_bb, _ = _problem()
+    head = ShardedHead(C, D, None, init_std=0.5, seed=3)
+    layer = SoftmaxLayer(MethodConfig(name=name, k=2, mode=mode), C, 0, C, None, total_steps=10)
+    out = layer(x @ w_bb.T, head, y, teacher, None, torch.Generator().manual_seed(1))
+    assert torch.isfinite(out["loss"])
+    assert out["n_sampled"] < C

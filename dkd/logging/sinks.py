@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 __all__ = ["NullSink", "JsonlSink", "WandbSink", "MultiSink", "WandbSettings", "make_sinks",
-           "read_jsonl", "read_wandb_offline", "wandb_logged_in"]
+           "read_jsonl", "read_wandb_offline", "read_wandb_artifacts", "wandb_logged_in"]
 
 log = logging.getLogger(__name__)
 WANDB_MODES = ("offline", "online", "disabled")
@@ -419,6 +419,21 @@ def _parse_wandb_file(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]],
             finished = True
     config.pop("_wandb", None)  # wandb's internal bookkeeping, not the run's config
     return config, history, finished
+
+
+def read_wandb_artifacts(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Artifacts logged to the latest offline W&B run: [{name, type, files}, ...]."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    found = []
+    for raw in _wandb_records(_find_wandb_file(Path(run_dir))):
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        if rec.WhichOneof("record_type") == "artifact":
+            a = rec.artifact
+            found.append({"name": a.name, "type": a.type,
+                          "files": [m.path for m in a.manifest.contents]})
+    return found
 
 
 def read_wandb_offline(run_dir: str | Path, wait_s: float = 10.0
