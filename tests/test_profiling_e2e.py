@@ -17,13 +17,17 @@ def test_profiled_runs_wandb_readback_and_report(tmp_path, teacher_dir):
 
     run = tmp_path / "full"
     traces = list((run / "traces").glob("*.json"))
-    assert traces and "dkd/softmax_layer" in traces[0].read_text()
+    trace = traces[0].read_text() if traces else ""
+    for region in ("dkd/softmax_layer", "dkd/softmax_layer/forward", "dkd/softmax_layer/backward",
+                   "dkd/backbone_fwd", "dkd/comm", "dkd/optimizer", "dkd/teacher"):
+        assert region in trace, region
     assert list((run / "tb").iterdir())
     assert not (tmp_path / "dis" / "traces").exists()  # profiling off: no trace files
 
     steps = [m for m in read_metrics(run) if m["kind"] == "train"]
     assert [m["step"] for m in steps] == list(range(1, 13))
     assert all(m["softmax_ms"] > 0 for m in steps)
+    assert all(m["softmax_fwd_ms"] + m["softmax_bwd_ms"] <= m["softmax_ms"] for m in steps)
 
     config, history = read_wandb_offline(run)
     assert config["method"]["name"] == "kd" and config["train"]["steps"] == 12

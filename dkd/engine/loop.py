@@ -106,9 +106,11 @@ def micro_step(p: TrainParts, cfg: RunConfig, micro: int, timer: RegionTimer) ->
     # grad_accum itself; the head loss is divided here to match).
     feats_d = feats.detach().float().requires_grad_(True)
     with timer.region("softmax_layer"):
-        out = p.layer(feats_d, p.head, y_g, t_g, p.teacher_weight,
-                      step_generator(cfg.seed, micro))
-        (out["loss"] / gas).backward()
+        with timer.region("softmax_layer/forward"):
+            out = p.layer(feats_d, p.head, y_g, t_g, p.teacher_weight,
+                          step_generator(cfg.seed, micro))
+        with timer.region("softmax_layer/backward"):
+            (out["loss"] / gas).backward()
     with timer.region("backbone_bwd"):
         p.engine.backward((feats * feats_d.grad.to(feats.dtype)).sum())
     with timer.region("optimizer"):
@@ -135,8 +137,8 @@ def _metrics(out: dict, step: int, lr: float, times: dict, iter_ms: float, p: Tr
     m = {"kind": "train", "step": step + 1, "loss": float(out["loss"].detach()), "lr": lr,
          "iter_ms": iter_ms, "loss/kd": float(out["kd"]), "loss/ce": float(out["ce"]),
          "n_sampled": int(out["n_sampled"])}
-    for name in ("softmax", "sampling", "comm", "teacher", "backbone_fwd", "backbone_bwd",
-                 "optimizer"):
+    for name in ("softmax", "softmax_fwd", "softmax_bwd", "sampling", "comm", "teacher",
+                 "backbone_fwd", "backbone_bwd", "optimizer"):
         m[f"{name}_ms"] = times.get(f"{name}_ms", 0.0)
     if out.get("kernel_path"):
         m["kernel_path"] = out["kernel_path"]  # which sampled-logit kernel ran (auto picks)

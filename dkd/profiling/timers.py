@@ -36,7 +36,8 @@ import torch
 
 __all__ = ["RegionTimer", "measure_timer_overhead", "DEFAULT_METRIC_NAMES"]
 
-DEFAULT_METRIC_NAMES = {"softmax_layer": "softmax"}
+DEFAULT_METRIC_NAMES = {"softmax_layer": "softmax", "softmax_layer/forward": "softmax_fwd",
+                        "softmax_layer/backward": "softmax_bwd"}
 """Region name -> metric name, where the metrics contract names it differently."""
 
 
