@@ -73,3 +73,7 @@ def test_bad_input_stops_before_training(tmp_path, teacher_dir):
     (tmp_path / "keep" / "precious.txt").write_text("data")
     _fails(train_run(tmp_path, "keep", "method.name=hard", check=False), "--overwrite")
     assert (tmp_path / "keep" / "precious.txt").read_text() == "data"
+    # --resume of a directory that holds no checkpoint: refused, and nothing is rewritten
+    _fails(train_run(tmp_path, "keep", "method.name=hard", extra=["--resume"], check=False),
+           "no checkpoint")
+    assert sorted(p.name for p in (tmp_path / "keep").iterdir()) == ["precious.txt"]

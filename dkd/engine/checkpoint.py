@@ -98,8 +98,15 @@ def load_head_pieces(path: Path, head, head_opt, num_classes: int) -> None:
                           f"{head.num_local} classes [{head.start}, {head.end})")
 
 
-def load_checkpoint(path: Path, engine, head, head_opt, num_classes: int) -> dict:
+def load_checkpoint(path: Path, engine, head, head_opt, num_classes: int,
+                    world: int = 1, zero_stage: int = 0) -> dict:
     state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
+    saved = state.get("world_size", world)
+    if saved != world and zero_stage > 0:
+        # ZeRO 1/2 partition the backbone's optimizer state by data-parallel rank.
+        raise ConfigError(f"checkpoint {path} was written by {saved} ranks; resuming on {world} "
+                          f"ranks needs dist.zero_stage = 0 (got {zero_stage}): ZeRO stages "
+                          "1 and 2 partition the optimizer state by rank")
     engine.load_checkpoint(str(Path(path) / "backbone"), tag="ds",
                            load_optimizer_states=True, load_lr_scheduler_states=False)
     load_head_pieces(path, head, head_opt, num_classes)

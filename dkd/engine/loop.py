@@ -156,7 +156,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
     data, teacher = check_inputs(cfg, ctx)
     run_dir = _agree_run_dir(cfg, ctx, resume, overwrite)
     p = assemble(cfg, ctx, data, teacher, run_dir)
-    start_step = _resume(p, run_dir) if resume else 0
+    start_step = _resume(p, run_dir, cfg.dist.zero_stage) if resume else 0
     sinks = make_sinks(run_dir, cfg.model_dump(mode="json"), cfg.wandb, ctx.is_rank0)
     t_start = time.perf_counter()
     last_saved = _run_steps(p, cfg, run_dir, sinks, start_step, resume)
@@ -169,10 +169,11 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
     return run_dir
 
 
-def _resume(p: TrainParts, run_dir: Path) -> int:
+def _resume(p: TrainParts, run_dir: Path, zero_stage: int) -> int:
     """Load the latest checkpoint (any world size); returns the step to continue from."""
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir), p.engine, p.head,
-                                 p.head_opt, p.data.num_classes)
+                                 p.head_opt, p.data.num_classes, p.ctx.world,
+                                 zero_stage)
     if p.layer.proposal is not None:
         p.layer.proposal.load_state_dict(state["proposal"])
     if p.ctx.is_rank0:

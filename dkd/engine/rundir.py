@@ -65,6 +65,8 @@ def prepare_run_dir(cfg: RunConfig, name: str, overwrite: bool, resume: bool) ->
     if resume:
         if not exists:
             raise ConfigError(f"--resume: run directory {run_dir} does not exist or is empty")
+        from dkd.engine.checkpoint import latest_checkpoint  # why local: checkpoint imports us
+        latest_checkpoint(run_dir)  # refuse now, before anything in the directory is touched
         return run_dir
     if exists and not overwrite:
         raise ConfigError(f"run directory {run_dir} already exists and is not empty; "
