@@ -181,7 +181,8 @@ class HeadBench:
             return {"sampling_s": sampling_s, "cols": s.num_columns, "rows": rows,
                     "path": self.head.last_path}
         # batch-shared columns are unique by construction (D, then draws outside D, merged)
-        z = self.head.logits_sampled(feats, local, "auto", unique=local.dim() == 1)
+        z = self.head.logits_sampled(feats, local, "auto", unique=local.dim() == 1,
+                                     owned=mask)
         cls = s.classes if s.classes.dim() == 2 else s.classes.unsqueeze(0)
         tgt = (cls == self.y.unsqueeze(1)) & s.deterministic
         if mask is not None:

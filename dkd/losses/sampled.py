@@ -72,16 +72,23 @@ class _SampledMixedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, a, o, keep, tgt, T, lam, group):
-        B, has_ce = z.shape[0], tgt is not None
-        # Rows of R: ŝ, t̂ and (with the CE) c, so max, exp and sum are one op each.
+        B, n, has_ce = z.shape[0], z.shape[1], tgt is not None
+        # Rows of R: ŝ, t̂ and (with the CE) c, so max, exp and sum are one op each. R is
+        # filled in place (no stack copy); o may broadcast ((n,) or (1, n)): it is
+        # never materialised at (B, n). keep None means every column is used (no masking
+        # passes at all: the common batch-shared case, where the step is bandwidth-bound).
         r = 3 if has_ce else 2
-        scale = z.new_tensor([1.0 / T, 1.0 / T, 1.0][:r]).view(r, 1, 1)
-        R = torch.stack([z, a.to(z.dtype), z][:r]) * scale - o              # (r, B, n)
-        X = torch.where(keep, R, float("-inf"))
-        maxima = X.amax(2) if z.shape[1] else z.new_full((r, B), float("-inf"))
+        R = z.new_empty((r, B, n))
+        torch.mul(z, 1.0 / T, out=R[0])
+        torch.mul(a.to(z.dtype), 1.0 / T, out=R[1])
+        if has_ce:
+            R[2].copy_(z)
+        R.sub_(o)
+        X = R if keep is None else torch.where(keep, R, float("-inf"))
+        maxima = X.amax(2) if n else z.new_full((r, B), float("-inf"))
         shift = torch.nan_to_num(_all_reduce(maxima, dist.ReduceOp.MAX, group),
                                  neginf=0.0)          # a row with no column anywhere: 0
-        E = torch.exp(X - shift.unsqueeze(2))                            # 0 where masked
+        E = torch.sub(X, shift.unsqueeze(2)).exp_()                      # 0 where masked
         parts = [E.sum(2), torch.linalg.vecdot(E[1], R[0]).unsqueeze(0)]  # Σ e_t ŝ
         if has_ce:
             parts.append(torch.where(tgt, R[2], 0.0).sum(1, keepdim=True).t())  # c at y
@@ -90,7 +97,7 @@ class _SampledMixedLoss(torch.autograd.Function):
         kd = (lse[0] - sums[r] / sums[1]).mean()
         ce = (lse[2] - sums[-1]).mean() if has_ce else z.new_tensor(float("nan"))
         ctx.coef, ctx.has_ce = (lam * T / B, (1.0 - lam) / B), has_ce
-        ctx.save_for_backward(E / sums[:r].unsqueeze(2), tgt)          # q̂, p̂ (, q_c)
+        ctx.save_for_backward(E.div_(sums[:r].unsqueeze(2)), tgt)      # q̂, p̂ (, q_c)
         loss = lam * T * T * kd + ((1.0 - lam) * ce if has_ce else 0.0)
         return loss, kd, ce
 
@@ -98,9 +105,9 @@ class _SampledMixedLoss(torch.autograd.Function):
     def backward(ctx, grad, _gkd, _gce):
         P, tgt = ctx.saved_tensors
         w_kd, w_ce = ctx.coef
-        g = (P[0] - P[1]).mul_(w_kd)
+        g = torch.sub(P[0], P[1]).mul_(w_kd)
         if ctx.has_ce and w_ce:
-            g.add_(P[2].sub(tgt.to(P.dtype)), alpha=w_ce)
+            g.add_(P[2], alpha=w_ce).sub_(tgt.to(g.dtype), alpha=w_ce)
         return g.mul_(grad), None, None, None, None, None, None, None
 
 
@@ -117,10 +124,16 @@ def sampled_kd_loss(student_cols: torch.Tensor, teacher_cols: torch.Tensor,
     if lam < 1.0 and target_cols is None:
         raise ValueError("target_cols is required for the hard-label term when lam < 1")
     z = student_cols
-    o = log_correction.to(z.dtype).expand_as(z)
-    keep = torch.ones_like(z, dtype=torch.bool) if mask is None else mask.expand_as(z)
-    o = torch.where(keep, o, 0.0)                   # masked o may be junk (inf)
-    tgt = None if target_cols is None else (target_cols.expand_as(z) & keep)
+    o = log_correction.to(z.dtype)
+    if o.shape != z.shape and o.dim() == 2 and o.shape[0] == z.shape[0] \
+            and o.stride(0) == 0:                   # an expanded (n,) row: keep it (1, n)
+        o = o[:1]
+    keep = None if mask is None else mask.expand_as(z)
+    if keep is not None:
+        o = torch.where(keep, o, 0.0)               # masked o may be junk (inf)
+    tgt = None if target_cols is None else target_cols.expand_as(z)
+    if tgt is not None and keep is not None:
+        tgt = tgt & keep
     loss, kd, ce = _SampledMixedLoss.apply(z, teacher_cols.detach(), o, keep, tgt, float(T),
                                            float(lam), group)
     return {"loss": loss, "kd": kd.detach(), "ce": ce.detach()}
