@@ -165,7 +165,7 @@ class HeadBench:
         if self.world == 1:
             return s, a, s.classes, None
         own = (s.classes >= self.start) & (s.classes < self.end)
-        local = (s.classes - self.start).clamp(0, self.end - self.start - 1)
+        local = torch.where(own, s.classes - self.start, 0)   # as the engine's layer does
         return s, a, local, own
 
     def sampled_step(self, proposal, mode: str, k: int, generator) -> dict:

@@ -139,9 +139,13 @@ class SoftmaxLayer:
         return s, s.gather(teacher_logits)
 
     def _local_columns(self, s: SampleSet):
-        """Local row ids of the sampled classes this rank owns, and the ownership mask."""
+        """Local row ids of the sampled classes this rank owns, and the ownership mask.
+
+        Columns of classes other ranks own become placeholders on local row 0 (masked out
+        of the loss, never counted as touches): the per-row kernels then compute logits
+        against this shard's own rows only (plus row 0), not against every sampled row."""
         own = (s.classes >= self.start) & (s.classes < self.end)
-        local = (s.classes - self.start).clamp(0, self.end - self.start - 1)
+        local = torch.where(own, s.classes - self.start, 0)
         return local, own
 
     def _sampled(self, feats, head, y, teacher_logits, generator, lam, T):
