@@ -27,7 +27,7 @@ import time
 import torch
 
 from dkd.dist.functional import gather_rows
-from dkd.engine.softmax_layer import hybrid_loss
+from dkd.engine.softmax_layer import hybrid_loss, local_columns
 from dkd.head.head import ShardedHead
 from dkd.head.shard import shard_bounds
 from dkd.losses.sampled import sampled_kd_loss
@@ -164,8 +164,7 @@ class HeadBench:
                                    return_teacher=True)
         if self.world == 1:
             return s, a, s.classes, None
-        own = (s.classes >= self.start) & (s.classes < self.end)
-        local = torch.where(own, s.classes - self.start, 0)   # as the engine's layer does
+        local, own = local_columns(s.classes, self.start, self.end)
         return s, a, local, own
 
     def sampled_step(self, proposal, mode: str, k: int, generator) -> dict:

@@ -109,7 +109,7 @@ def fidelity(classes: int = typer.Option(1000, help="Class count C."),
     from dkd.fidelity import fidelity_markdown, run_fidelity, write_fidelity
 
     ks = [x for x in _csv(k, int) if x < classes]
-    skipped = [x for x in _csv(k, int) if x >= classes]
+    skipped = [x for x in _csv(k, int) if x not in ks]
     if skipped:
         typer.echo(f"skipping k = {skipped}: k must be < --classes ({classes})", err=True)
     if not ks:
@@ -161,13 +161,13 @@ def bench_softmax(classes: str = typer.Option("751,10000,100000", help="Class co
     from dkd.bench import bench_markdown, run_softmax_bench, write_bench
 
     try:
+        lists = (_csv(classes, int), _csv(k, int))
+        rest = (_csv(world_sizes, int), _csv(methods), _csv(modes), warmup, repeats,
+                teacher_topk)
         records = []
         for b in _csv(batch, int):      # every (B, d) pair has its own full-KD baseline
             for d in _csv(dim, int):
-                records += run_softmax_bench(_csv(classes, int), _csv(k, int), b, d,
-                                             _csv(world_sizes, int), _csv(methods),
-                                             _csv(modes), warmup, repeats, teacher_topk,
-                                             threads=threads)
+                records += run_softmax_bench(*lists, b, d, *rest, threads=threads)
     except ValueError as err:
         _fail(str(err))
     md = write_bench(records, str(out))

@@ -13,7 +13,7 @@ from dkd.config import ConfigError, RunConfig
 from dkd.data import DataBundle, build_data
 from dkd.engine.distributed import DistContext
 from dkd.engine.rundir import atomic_write_json
-from dkd.engine.schedule import build_optimizer
+from dkd.engine.schedule import build_optimizer, head_lr
 from dkd.engine.softmax_layer import SoftmaxLayer
 from dkd.head.head import ShardedHead
 from dkd.head.sparse_optim import SparseRowOptimizer
@@ -60,7 +60,8 @@ def deepspeed_config(cfg: RunConfig, ctx: DistContext) -> dict:
 def head_optimizer(head: ShardedHead, cfg: RunConfig) -> SparseRowOptimizer:
     o = cfg.optim
     kind = o.head_name or o.name
-    return head.make_optimizer(kind, lr=o.head_lr or o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return head.make_optimizer(kind, lr=head_lr(o.lr, o), momentum=o.momentum,
+                               weight_decay=o.weight_decay)
 
 
 def check_inputs(cfg: RunConfig, ctx: DistContext) -> tuple[DataBundle, Any]:

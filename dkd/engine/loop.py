@@ -23,7 +23,7 @@ from dkd.engine.assemble import TrainParts, assemble, check_inputs
 from dkd.engine.distributed import DistContext, init_distributed
 from dkd.engine.evaluate import evaluate
 from dkd.engine.rundir import atomic_write_json, atomic_write_text, default_name, prepare_run_dir
-from dkd.engine.schedule import lr_at, set_lr
+from dkd.engine.schedule import head_lr, lr_at, set_lr
 from dkd.engine.stats import RunStats
 from dkd.engine.sync import check_proposal_sync
 from dkd.logging.progress import make_progress
@@ -123,8 +123,7 @@ def train_step(p: TrainParts, cfg: RunConfig, step: int, timer: RegionTimer) -> 
     gas = cfg.dist.grad_accum
     outs = [micro_step(p, cfg, step * gas + i, timer) for i in range(gas)]
     with timer.region("softmax_layer"), timer.region("optimizer"):
-        head_lr = p.lr if cfg.optim.head_lr is None else p.lr * cfg.optim.head_lr / cfg.optim.lr
-        p.head.apply_grads(p.head_opt, lr=head_lr)
+        p.head.apply_grads(p.head_opt, lr=head_lr(p.lr, cfg.optim))
     if p.layer.proposal is not None:
         p.layer.proposal.advance()
     if gas == 1:
@@ -145,8 +144,8 @@ def _metrics(out: dict, step: int, lr: float, times: dict, iter_ms: float, p: Tr
     prop = p.layer.proposal
     if prop is not None:
         m["proposal/step"] = prop.step
-    if prop is not None and hasattr(prop, "b2"):
-        m.update({"proposal/w": prop.w, "proposal/b1": prop.b1, "proposal/b2": prop.b2()})
+        if hasattr(prop, "b2"):
+            m.update({"proposal/w": prop.w, "proposal/b1": prop.b1, "proposal/b2": prop.b2()})
     return m
 
 

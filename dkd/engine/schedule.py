@@ -32,6 +32,11 @@ def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     raise ValueError(f"optim.name: unknown optimizer {cfg.name!r}")
 
 
+def head_lr(lr: float, cfg: OptimConfig) -> float:
+    """The head's rate at the backbone's scheduled rate ``lr``: scaled by head_lr / lr."""
+    return lr if cfg.head_lr is None else lr * cfg.head_lr / cfg.lr
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -138,20 +138,10 @@ class SoftmaxLayer:
                                top_t=cfg.top_t, correction=cfg.correction, generator=generator)
         return s, s.gather(teacher_logits)
 
-    def _local_columns(self, s: SampleSet):
-        """Local row ids of the sampled classes this rank owns, and the ownership mask.
-
-        Columns of classes other ranks own become placeholders on local row 0 (masked out
-        of the loss, never counted as touches): the per-row kernels then compute logits
-        against this shard's own rows only (plus row 0), not against every sampled row."""
-        own = (s.classes >= self.start) & (s.classes < self.end)
-        local = torch.where(own, s.classes - self.start, 0)
-        return local, own
-
     def _sampled(self, feats, head, y, teacher_logits, generator, lam, T):
         with self.region("sampling"):
             s, a = self._draw(teacher_logits, y, generator)
-            local, own = self._local_columns(s)
+            local, own = local_columns(s.classes, self.start, self.end)
             o = s.log_correction
         if s.mode == "hybrid":
             one = group_size(self.group) == 1
@@ -171,7 +161,7 @@ class SoftmaxLayer:
             classes = s.classes
             mask = own if s.mask is None else (own & s.mask)
         # Only columns used by some row touch a row (placeholders of other ranks' classes
-        # are clamped onto this shard and masked; see RowGrad.restrict).
+        # sit on local row 0, masked; see RowGrad.restrict).
         owned = None if s.mask is None and group_size(self.group) == 1 else mask
         z = head.logits_sampled(feats, local, self.kernel_path, owned=owned)
         tgt = (classes == y.unsqueeze(1)) if lam < 1 else None
@@ -194,8 +184,7 @@ class SoftmaxLayer:
             rows = own_y.nonzero().squeeze(1)
             score[rows, y[rows] - self.start] = float("inf")        # target always kept
             classes = _global_topk(score, self.cfg.k, self.start, self.group)  # (B, k)
-        local = (classes - self.start).clamp(0, self.end - self.start - 1)
-        own = (classes >= self.start) & (classes < self.end)
+        local, own = local_columns(classes, self.start, self.end)
         zc, ac = z.gather(1, local), a_local.gather(1, local)
         o = torch.zeros_like(zc)
         tgt = ((classes == y.unsqueeze(1)) & own) if lam < 1 else None
@@ -209,7 +198,7 @@ class SoftmaxLayer:
 def hybrid_loss(feats, head, s: SampleSet, a, local, own, lam: float, T: float, group) -> dict:
     """The mixed loss of a hybrid sample set [D_b | shared draws] on this rank's shard.
 
-    local (B, n): local row ids (clamped) of s.classes; own (B, n) bool: which of them this
+    local (B, n): local row ids of s.classes (placeholders on row 0, see local_columns); own (B, n) bool: which of them this
     rank holds, or None when it holds all (one shard). D_b columns are masked where
     another rank owns them; of the shared draws this rank keeps only those it owns, so
     its GEMM is (B, d)(d, u_local). a: teacher logits at s.classes (B, n).
@@ -228,6 +217,16 @@ def hybrid_loss(feats, head, s: SampleSet, a, local, own, lam: float, T: float, 
         tgt = torch.zeros_like(mask)
         tgt[:, 0] = mask[:, 0]
     return sampled_kd_loss(z, a, o, T, lam, tgt, mask, group)
+
+
+def local_columns(classes: torch.Tensor, start: int, end: int):
+    """(local row ids, ownership mask) of global class ids on the shard [start, end).
+
+    Columns of classes other ranks own become placeholders on local row 0 (masked out of
+    the loss, never counted as touches): the per-row kernels then compute logits against
+    this shard's own rows only (plus row 0), not against every sampled row."""
+    own = (classes >= start) & (classes < end)
+    return torch.where(own, classes - start, 0), own
 
 
 def _global_topk(score: torch.Tensor, k: int, start: int, group) -> torch.Tensor:

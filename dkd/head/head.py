@@ -95,7 +95,7 @@ class ShardedHead(nn.Module):
 
         unique: promise that 1-D ``local_cols`` has no duplicates (skips the optimizer's
         duplicate coalescing). owned: bool mask like ``local_cols`` of the columns this
-        shard really holds (the others are clamped placeholders, masked in the loss): only
+        shard really holds (the others are placeholders, masked in the loss): only
         their rows count as touched. The kernel that ran is in ``self.last_path``.
         """
         logits, handle = sampled_logits(features, self.weight, local_cols, path, unique=unique)

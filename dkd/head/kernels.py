@@ -61,6 +61,7 @@ class RowGrad:
         self.rows, self.path, self.unique, self.leaf = rows, path, unique, leaf
         self.active = leaf.requires_grad if active is None else active  # grad can arrive
         self._grad: torch.Tensor | None = None
+        self._touched: torch.Tensor | None = None  # set by restrict()
 
     @property
     def grad(self) -> torch.Tensor | None:
@@ -71,8 +72,8 @@ class RowGrad:
     def restrict(self, touched: torch.Tensor) -> None:
         """Hand the optimizer only ``touched`` (local ids) of this call's rows.
 
-        A sharded rank computes some columns it does not own (clamped onto one of its rows,
-        then masked out of the loss); their zero gradient must not count as a touch, or the
+        A sharded rank computes some columns it does not own (placeholders on one of its
+        rows, masked out of the loss); their zero gradient must not count as a touch, or the
         lazy optimizer would step those rows with their stale moments.
         """
         self._touched = touched
@@ -82,10 +83,9 @@ class RowGrad:
         g = self.grad
         if g is None:
             return None
-        touched = getattr(self, "_touched", None)
-        if touched is None or self.rows is None:
+        if self._touched is None or self.rows is None:
             return self.rows, g
-        keep = torch.isin(self.rows, touched).nonzero().squeeze(1)
+        keep = torch.isin(self.rows, self._touched).nonzero().squeeze(1)
         return self.rows.index_select(0, keep), g.index_select(0, keep)
 
     def __repr__(self) -> str:

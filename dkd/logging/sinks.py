@@ -363,10 +363,17 @@ def _wandb_records(path: Path) -> Iterable[bytes]:
             parts = []
 
 
-def _wandb_file_closed(path: Path) -> bool:
-    """Whether the file ends with the run's exit record (cheap: parses the tail only)."""
+def _decode(raw: bytes):
+    """(record type, record) of one raw record, parsed with wandb's own protobuf class."""
     from wandb.proto import wandb_internal_pb2 as pb
 
+    rec = pb.Record()
+    rec.ParseFromString(raw)
+    return rec.WhichOneof("record_type"), rec
+
+
+def _wandb_file_closed(path: Path) -> bool:
+    """Whether the file ends with the run's exit record (cheap: parses the tail only)."""
     tail: list[bytes] = []
     try:
         for raw in _wandb_records(path):
@@ -374,9 +381,7 @@ def _wandb_file_closed(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     for raw in reversed(tail):
-        rec = pb.Record()
-        rec.ParseFromString(raw)
-        if rec.WhichOneof("record_type") == "exit":
+        if _decode(raw)[0] == "exit":
             return True
     return False
 
@@ -394,15 +399,10 @@ def _find_wandb_file(run_dir: Path) -> Path:
 
 def _parse_wandb_file(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
     """(config, history rows, whether the run's exit record is there)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
     config: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
     finished = False
-    for raw in _wandb_records(path):
-        rec = pb.Record()
-        rec.ParseFromString(raw)
-        kind = rec.WhichOneof("record_type")
+    for kind, rec in map(_decode, _wandb_records(path)):
         if kind == "run":
             config.update({i.key: _json_value(i.value_json) for i in rec.run.config.update})
         elif kind == "config":
@@ -423,17 +423,10 @@ def _parse_wandb_file(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]],
 
 def read_wandb_artifacts(run_dir: str | Path) -> list[dict[str, Any]]:
     """Artifacts logged to the latest offline W&B run: [{name, type, files}, ...]."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    found = []
-    for raw in _wandb_records(_find_wandb_file(Path(run_dir))):
-        rec = pb.Record()
-        rec.ParseFromString(raw)
-        if rec.WhichOneof("record_type") == "artifact":
-            a = rec.artifact
-            found.append({"name": a.name, "type": a.type,
-                          "files": [m.path for m in a.manifest.contents]})
-    return found
+    return [{"name": rec.artifact.name, "type": rec.artifact.type,
+             "files": [m.path for m in rec.artifact.manifest.contents]}
+            for kind, rec in map(_decode, _wandb_records(_find_wandb_file(Path(run_dir))))
+            if kind == "artifact"]
 
 
 def read_wandb_offline(run_dir: str | Path, wait_s: float = 10.0

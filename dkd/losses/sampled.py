@@ -124,10 +124,7 @@ def sampled_kd_loss(student_cols: torch.Tensor, teacher_cols: torch.Tensor,
     if lam < 1.0 and target_cols is None:
         raise ValueError("target_cols is required for the hard-label term when lam < 1")
     z = student_cols
-    o = log_correction.to(z.dtype)
-    if o.shape != z.shape and o.dim() == 2 and o.shape[0] == z.shape[0] \
-            and o.stride(0) == 0:                   # an expanded (n,) row: keep it (1, n)
-        o = o[:1]
+    o = log_correction.to(z.dtype)                  # broadcast as given: never copied to (B, n)
     keep = None if mask is None else mask.expand_as(z)
     if keep is not None:
         o = torch.where(keep, o, 0.0)               # masked o may be junk (inf)
