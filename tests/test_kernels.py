@@ -49,8 +49,9 @@ def test_batch_shared_matches_reference(path):
 @pytest.mark.parametrize("nd", [1, 2])
 def test_hybrid_matches_reference(nd):
     """[per-row columns | shared columns] equals plain autograd on the same (B, n) columns;
-    the handle holds each touched row once (targets shared by samples, a draw that is also
-    a row column), with its summed gradient."""
+    the handle holds one gradient row per entry of [row columns, shared columns], repeats
+    included (targets shared by samples, a draw that is also a row column), and they sum to
+    the reference's weight gradient."""
     features, weight, gen = _setup(2)
     row = torch.randint(0, C, (B, nd), generator=gen)
     row[3, 0] = row[1, 0]                       # a target shared by two samples
@@ -63,8 +64,8 @@ def test_hybrid_matches_reference(nd):
     logits, handle = hybrid_logits(f, weight, row, shared)
     (logits * up).sum().backward()
     rows, grad = handle.collect()
-    assert handle.path == "hybrid" and handle.unique
-    assert torch.equal(rows, torch.unique(cols))
+    assert handle.path == "hybrid" and not handle.unique
+    assert torch.equal(rows, torch.cat([row.reshape(-1), shared]))
     torch.testing.assert_close(logits.detach(), ref[0])
     torch.testing.assert_close(f.grad, ref[1])
     torch.testing.assert_close(torch.zeros_like(weight).index_add_(0, rows, grad), ref[2])

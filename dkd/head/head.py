@@ -151,10 +151,11 @@ class ShardedHead(nn.Module):
             return self.num_local
         if len(got) == 1:
             h, (rows, g) = got[0]
-            optimizer.step(rows, g, lr, unique=h.unique)
+            optimizer.step(rows, g, lr, unique=h.unique, consume=True)
             return rows.numel()
         rows = torch.cat([rg[0] for _, rg in got])
-        optimizer.step(rows, torch.cat([rg[1] for _, rg in got]), lr, unique=False)
+        optimizer.step(rows, torch.cat([rg[1] for _, rg in got]), lr, unique=False,
+                       consume=True)
         return rows.numel()
 
     # ---------------------------------------------------------------- checkpoints

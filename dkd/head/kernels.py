@@ -33,6 +33,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dkd.head import native
+
 PATHS = ("batch_shared", "union", "gather_dot")
 
 # Machine balance in flop per byte: how many GEMM flops cost as much time as moving one
@@ -264,48 +266,65 @@ def sampled_logits(features: torch.Tensor, weight: torch.Tensor, cols: torch.Ten
 
 
 class _HybridLogits(torch.autograd.Function):
-    """[per-row dots | shared GEMM] over the distinct rows W_U, with a hand-written backward
-    (about half the operations autograd would record for the same graph).
+    """[per-row dots | shared GEMM] straight from the weight rows, with a hand-written
+    backward (about half the operations autograd would record for the same graph).
 
     Collectives: none in forward or backward (purely column-local).
-    forward:  features (B, d), anchor () leaf, rows W_U (|U|, d) (a gathered copy),
-              inv_row (B, nd) and inv_s (u,) positions in U, handle -> logits (B, nd + u):
-              logits[b, j] = φ_b · W_U[inv_row[b, j]] for j < nd, φ @ W_U[inv_s]ᵀ after.
+    forward:  features (B, d), anchor () leaf, weight (C_local, d) detached, row_cols
+              (B, nd), shared_cols (u,) local ids, handle -> logits (B, nd + u):
+              logits[b, j] = φ_b · W[row_cols[b, j]] for j < nd, φ @ W[shared_cols]ᵀ after.
+              Only the u shared rows are gathered (for the GEMM); the per-row dots and both
+              of their backward products read the weight rows in place with the native
+              kernels (dkd/head/native.py), or gather them once (B, nd, d) without.
     backward: grad (B, nd + u) = [g_r | g_s] ->
-              grad_features = Σ_j g_r[b, j] W_U[inv_row[b, j]] + g_s W_U[inv_s];
-              row gradient (|U|, d) = index_add over inv_row of g_r[b, j] φ_b, plus
-              index_add over inv_s of g_sᵀ φ; written into ``handle`` (accumulated over
-              repeated backwards). ``anchor`` only makes autograd call this backward when
-              the features need no gradient; it gets None.
+              grad_features = Σ_j g_r[b, j] W[row_cols[b, j]] + g_s W[shared_cols];
+              row gradients (B·nd + u, d) = [g_r[b, j] φ_b ; g_sᵀ φ], one per entry of
+              [row_cols.flatten(), shared_cols] (the handle's rows, repeats included: the
+              optimizer sums them, in one pass where its native kernel runs), written into
+              ``handle`` (accumulated over repeated backwards). ``anchor`` only makes
+              autograd call this backward when the features need no gradient; it gets None.
     """
 
     @staticmethod
-    def forward(ctx, features, anchor, W_U, inv_row, inv_s, handle):
-        B, nd = inv_row.shape
-        w_row = W_U.index_select(0, inv_row.reshape(-1)).view(B, nd, -1)
-        w_s = W_U.index_select(0, inv_s)
-        ctx.save_for_backward(features, w_row, w_s, inv_row, inv_s)
-        ctx.handle, ctx.num_rows = handle, W_U.shape[0]
-        return torch.cat([(w_row * features.unsqueeze(1)).sum(-1), features @ w_s.t()], 1)
+    def forward(ctx, features, anchor, weight, row_cols, shared_cols, handle):
+        B, nd = row_cols.shape
+        w_s = weight.index_select(0, shared_cols)
+        ctx.handle = handle
+        # Native: the per-row dots read the weight rows in place (no (B, nd, d) copy).
+        ctx.native = native.supports(features, weight, row_cols) and native.available()
+        if ctx.native:
+            dots = native.gather_dot(features, weight, row_cols)
+            ctx.save_for_backward(features, weight, row_cols, w_s)
+        else:
+            w_row = weight.index_select(0, row_cols.reshape(-1)).view(B, nd, -1)
+            ctx.save_for_backward(features, w_row, None, w_s)
+            # nd = 1: a plain product-sum (a reduction over a size-1 dim is ~4x slower)
+            dots = (torch.linalg.vecdot(w_row[:, 0], features).unsqueeze(1) if nd == 1
+                    else (w_row * features.unsqueeze(1)).sum(-1))
+        return torch.cat([dots, features @ w_s.t()], 1)
 
     @staticmethod
     def backward(ctx, grad):
-        features, w_row, w_s, inv_row, inv_s = ctx.saved_tensors
-        B, nd = inv_row.shape
+        features, w, row_cols, w_s = ctx.saved_tensors   # w: the weight, or w_row (B, nd, d)
+        B, d = features.shape
+        nd = grad.shape[1] - w_s.shape[0]
+        grad = grad.contiguous()
         g_r, g_s = grad[:, :nd], grad[:, nd:]
         g_feat = None
         if ctx.needs_input_grad[0]:
-            # Σ_j g_r[b, j] w_row[b, j]: a batched (1, nd)(nd, d) product; for nd = 1 a plain
-            # product (a reduction over a size-1 dim of a (B, 1, d) tensor is ~4x slower).
-            rows = (g_r * w_row[:, 0] if nd == 1
-                    else torch.bmm(g_r.unsqueeze(1), w_row).squeeze(1))
-            g_feat = (g_s @ w_s).add_(rows)
+            g_feat = g_s @ w_s
+            if ctx.native:
+                native.gather_axpy_(g_feat, g_r, w, row_cols)
+            else:   # Σ_j g_r[b, j] w_row[b, j]; nd = 1: a plain product, as in forward
+                g_feat.add_(g_r * w[:, 0] if nd == 1 else torch.bmm(g_r.unsqueeze(1), w).squeeze(1))
         if ctx.needs_input_grad[1]:
-            g_rows = torch.zeros((ctx.num_rows, features.shape[1]), dtype=features.dtype,
-                                 device=features.device)
-            g_rows.index_add_(0, inv_row.reshape(-1),
-                              (g_r.unsqueeze(2) * features.unsqueeze(1)).reshape(B * nd, -1))
-            g_rows.index_add_(0, inv_s, g_s.t() @ features)
+            g_rows = features.new_empty((B * nd + w_s.shape[0], d))
+            if ctx.native:
+                native.scale_rows(g_rows[:B * nd], g_r, features)
+            else:
+                torch.mul(g_r.unsqueeze(2), features.unsqueeze(1),
+                          out=g_rows[:B * nd].view(B, nd, d))
+            torch.mm(g_s.t(), features, out=g_rows[B * nd:])
             h = ctx.handle
             h._grad = g_rows if h._grad is None else h._grad + g_rows
         return g_feat, None, None, None, None, None
@@ -317,23 +336,23 @@ def hybrid_logits(features: torch.Tensor, weight: torch.Tensor, row_cols: torch.
 
     row_cols (B, nd): local row ids of each sample's own columns (the hybrid estimator's
     D_b: target and top-t, so nd is small); shared_cols (u,): ids shared by the batch.
-    The distinct rows U of both are gathered once (the handle's rows are then unique: no
-    coalescing in the optimizer); the row part is a per-sample dot, the shared part one
-    GEMM as ``batch_shared`` (:class:`_HybridLogits`). No collective.
+    The row part is a per-sample dot, the shared part one GEMM as ``batch_shared``
+    (:class:`_HybridLogits`). The handle's rows are [row_cols.flatten(), shared_cols],
+    repeats included (targets shared by samples): ``unique`` is False and the optimizer
+    sums them. No collective.
     """
     _check(features, weight, row_cols)
     _check(features, weight, shared_cols)
     if row_cols.dim() != 2 or shared_cols.dim() != 1:
         raise ValueError(f"row_cols must be (B, nd) and shared_cols (u,), got "
                          f"{tuple(row_cols.shape)} and {tuple(shared_cols.shape)}")
-    B, nd = row_cols.shape
-    U, inv = torch.unique(torch.cat([row_cols.reshape(-1), shared_cols]).long(),
-                          return_inverse=True)
+    row_cols, shared_cols = row_cols.long().contiguous(), shared_cols.long()
     grad_on = torch.is_grad_enabled()
-    handle = RowGrad(U, "hybrid", unique=True, active=grad_on)
+    handle = RowGrad(torch.cat([row_cols.reshape(-1), shared_cols]), "hybrid", unique=False,
+                     active=grad_on)
     anchor = features.new_zeros((), requires_grad=grad_on)
-    logits = _HybridLogits.apply(features, anchor, weight.detach().index_select(0, U),
-                                 inv[:B * nd].view(B, nd), inv[B * nd:], handle)
+    logits = _HybridLogits.apply(features, anchor, weight.detach(), row_cols, shared_cols,
+                                 handle)
     return logits, handle
 
 

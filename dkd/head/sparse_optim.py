@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from dkd.head import native
+
 KINDS = ("sgd", "adam", "adamw", "rmsprop")
 
 
@@ -85,14 +87,20 @@ class SparseRowOptimizer:
         if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
             raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
         self._chunk = chunk_rows
+        # Adam / AdamW on float32 host tensors step in one C pass (native.py) when it
+        # builds; False forces the torch path. last_impl says which ran ("native"/"torch").
+        self.use_native = True
+        self.last_impl: str | None = None
 
     # ---------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, rows: torch.Tensor | None, grad: torch.Tensor, lr: float | None = None,
-             unique: bool = False) -> None:
+             unique: bool = False, consume: bool = False) -> None:
         """Update ``rows`` (u,) of the weight with ``grad`` (u, d); rows=None: all rows.
 
         unique=True promises that ``rows`` has no duplicates and skips coalescing.
+        consume=True lets the step overwrite ``grad`` (the native kernel sums duplicate
+        rows in place; otherwise it works on a copy).
         """
         lr = self.lr if lr is None else float(lr)
         if rows is None:
@@ -106,6 +114,8 @@ class SparseRowOptimizer:
         if rows.numel() == 0:
             return
         rows, grad = rows.long(), grad.to(self.weight.dtype)
+        if self._native_step(rows, grad, lr, unique, consume):
+            return
         if not unique:
             rows, grad = self._coalesce(rows, grad)
         coef = self._row_coefficients(rows, lr)
@@ -132,6 +142,8 @@ class SparseRowOptimizer:
             raise ValueError(f"grad must have shape {tuple(self.weight.shape)} for a dense "
                              f"step, got {tuple(grad.shape)}")
         grad = grad.to(self.weight.dtype)
+        if self._native_step(None, grad, lr):
+            return
         coef = self._row_coefficients(None, lr)
         # The state tensors themselves are the working buffers, updated in row chunks
         # (slices are views): each chunk's passes stay in cache, and Adam's denominator
@@ -147,6 +159,30 @@ class SparseRowOptimizer:
                 work["denom"] = denom[:work["param"].shape[0]]
             self._update(work, grad[i:i + n], lr, coef and tuple(c[i:i + n] for c in coef))
 
+    def _native_step(self, rows: torch.Tensor | None, grad: torch.Tensor, lr: float,
+                     unique: bool = True, consume: bool = False) -> bool:
+        """Adam / AdamW on float32 host tensors: the whole step, duplicates summed, in one
+        C pass over the rows (dkd/head/native.py), in place, no gathers or scratch. False
+        where it does not apply (other kinds, dtypes or devices, lr = 0, kernels
+        unavailable): the caller then runs the torch path, which gives the same result to
+        float rounding."""
+        if self.kind not in ("adam", "adamw") or lr == 0.0 or not self.use_native:
+            return False
+        st = self.state
+        rows = None if rows is None else rows.contiguous()
+        grad = grad.contiguous()
+        if not native.supports(self.weight, grad, st["exp_avg"], st["exp_avg_sq"], st["step"],
+                               *(() if rows is None else (rows,))) or not native.available():
+            return False
+        if not unique and not consume:
+            grad = grad.clone()                         # the kernel sums duplicates in it
+        native.row_adam(self.weight, st["exp_avg"], st["exp_avg_sq"], st["step"], rows, grad,
+                        lr, self.betas, self.eps, self.weight_decay,
+                        decoupled=self.kind == "adamw", slot=None if unique else self._slot)
+        self._max_t += 1                  # as _row_coefficients: an upper bound of every t
+        self.last_impl = "native"
+        return True
+
     def _row_coefficients(self, rows: torch.Tensor | None, lr: float):
         """Adam only: bump the per-row step counts t of ``rows`` (None: all) and return the
         (u, 1) factors (a_t, e_t) of ``_update``; None for SGD or lr = 0.
@@ -157,6 +193,7 @@ class SparseRowOptimizer:
         (computed in float64, as torch.optim does its bias math): two look-ups per step
         instead of a dozen small ops, which is what a step over a few hundred rows costs.
         """
+        self.last_impl = "torch"
         if self.kind not in ("adam", "adamw"):
             return None
         step = self.state["step"]

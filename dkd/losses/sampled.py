@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from dkd.dist.functional import group_size
+from dkd.head import native
 from dkd.losses.softmax import _check_temperature, fused_softmax_ce, mix
 from dkd.sampling.sampler import SampleSet
 
@@ -111,6 +112,29 @@ class _SampledMixedLoss(torch.autograd.Function):
         return g.mul_(grad), None, None, None, None, None, None, None
 
 
+class _NativeSampledMixedLoss(torch.autograd.Function):
+    """_SampledMixedLoss on one process with the native kernel: value and gradient in one C
+    pass over the (B, n) columns (dkd/head/native.py), instead of ~30 small torch ops.
+
+    Collectives: none (one process only; sharded runs use _SampledMixedLoss).
+    forward:  z (B, n) contiguous float32, a, o, keep, tgt broadcastable to it, T, lam ->
+              (loss, kd, ce) as _SampledMixedLoss; dL/dz is computed here and saved.
+    backward: grad (scalar) -> grad · dL/dz.
+    """
+
+    @staticmethod
+    def forward(ctx, z, a, o, keep, tgt, T, lam):
+        g, kd, ce = native.sampled_loss(z, a, o, keep, tgt, T, lam)
+        ctx.save_for_backward(g)
+        loss = lam * T * T * kd + ((1.0 - lam) * ce if tgt is not None else 0.0)
+        return z.new_tensor(loss), z.new_tensor(kd), z.new_tensor(ce)
+
+    @staticmethod
+    def backward(ctx, grad, _gkd, _gce):
+        (g,) = ctx.saved_tensors
+        return g * grad, None, None, None, None, None, None
+
+
 def sampled_kd_loss(student_cols: torch.Tensor, teacher_cols: torch.Tensor,
                     log_correction: torch.Tensor, T: float, lam: float,
                     target_cols: torch.Tensor | None = None,
@@ -124,6 +148,12 @@ def sampled_kd_loss(student_cols: torch.Tensor, teacher_cols: torch.Tensor,
     if lam < 1.0 and target_cols is None:
         raise ValueError("target_cols is required for the hard-label term when lam < 1")
     z = student_cols
+    if (group_size(group) <= 1 and z.dim() == 2 and native.supports(z)
+            and z.dtype == torch.float32 and native.available()):
+        loss, kd, ce = _NativeSampledMixedLoss.apply(
+            z, teacher_cols.detach(), log_correction.detach(), mask, target_cols, float(T),
+            float(lam))
+        return {"loss": loss, "kd": kd.detach(), "ce": ce.detach()}
     o = log_correction.to(z.dtype)                  # broadcast as given: never copied to (B, n)
     keep = None if mask is None else mask.expand_as(z)
     if keep is not None:
