@@ -46,12 +46,38 @@ def test_row_adam_matches_torch_path(kind, wd):
     assert torch.equal(nat.state["step"], ref.state["step"])
 
 
+def test_row_adam_factored_rows():
+    """Rows given as coef·x[src] (the hybrid's per-sample rows) step like the same
+    gradients materialised, on both paths."""
+    gen = torch.Generator().manual_seed(5)
+    C, d = 12, 6
+    x = torch.randn(4, d, generator=gen)
+    rows_f, coef, src = torch.tensor([3, 7, 3, 0]), torch.randn(4, generator=gen), torch.arange(4)
+    rows_d, g_d = torch.tensor([7, 9]), torch.randn(2, d, generator=gen)
+    mat = torch.cat([x * coef.unsqueeze(1), g_d])
+    results = []
+    for off, factored in ((False, True), (True, True), (False, False)):
+        w = torch.ones(C, d)
+        opt = SparseRowOptimizer(w, "adamw", lr=0.1, weight_decay=0.01)
+        with native.disabled() if off else torch.enable_grad():
+            for _ in range(3):
+                if factored:
+                    opt.step(rows_d, g_d, factored=(rows_f, coef, src, x))
+                else:
+                    opt.step(torch.cat([rows_f, rows_d]), mat)
+        results.append((w, opt.state["step"]))
+    for w, st in results[1:]:
+        torch.testing.assert_close(w, results[0][0])
+        assert torch.equal(st, results[0][1])
+    assert results[0][1].tolist() == [3, 0, 0, 3, 0, 0, 0, 3, 0, 3, 0, 0]
+
+
 def test_row_adam_untouched_rows_and_version():
     w = torch.randn(10, 8)
     w0 = w.clone()
     opt = SparseRowOptimizer(w, "adam", lr=0.1)
     v = w._version
-    opt.step(torch.tensor([2, 5, 2]), torch.randn(3, 8), consume=True)
+    opt.step(torch.tensor([2, 5, 2]), torch.randn(3, 8))
     assert w._version > v                         # autograd sees the in-place write
     others = torch.tensor([0, 1, 3, 4, 6, 7, 8, 9])
     assert torch.equal(w[others], w0[others]) and not torch.equal(w[2], w0[2])
@@ -99,3 +125,22 @@ def test_sampled_loss_matches_torch_path(lam, masked):
             res[-1] += (d["ce"],)
     for x, y in zip(*res):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("proposal", ["dis", "ftis", "uniform"])
+def test_hybrid_sampler_native_lookups_match_torch_path(proposal):
+    """The hybrid sampler's native r̄ and teacher look-ups give the dense branch's draws,
+    corrections, masks and teacher logits."""
+    from dkd.bench_cases import make_proposal, synthetic_topk_teacher
+    from dkd.sampling.topk_sampler import sample_classes_topk
+    teacher, y = synthetic_topk_teacher(48, 751, 40, seed=0)
+    out = []
+    for off in (False, True):
+        with native.disabled() if off else torch.enable_grad():
+            out.append(sample_classes_topk(teacher, y, make_proposal(proposal), 25, mode="hybrid",
+                                           generator=torch.Generator().manual_seed(3),
+                                           workspace={}, return_teacher=True))
+    (s1, a1), (s2, a2) = out
+    assert torch.equal(s1.classes, s2.classes) and torch.equal(s1.mask, s2.mask)
+    torch.testing.assert_close(s1.log_correction, s2.log_correction)
+    torch.testing.assert_close(a1, a2)

@@ -130,6 +130,11 @@ class ShardedHead(nn.Module):
         if optimizer.weight is not self.weight:
             raise ValueError("optimizer must be built on this head's weight (build it after "
                              "moving the head to its device)")
+        if len(self._pending) == 1 and self._pending[0].split() is not None:
+            # one hybrid call: dense + factored rows, summed by the optimizer itself
+            rows_d, g_d, factored = self._pending.pop().split()
+            optimizer.step(rows_d, g_d, lr, factored=factored)
+            return rows_d.numel() + factored[0].numel()
         got = [(h, h.collect()) for h in self._pending]
         got = [(h, rg) for h, rg in got if rg is not None]
         self._pending.clear()
@@ -151,11 +156,10 @@ class ShardedHead(nn.Module):
             return self.num_local
         if len(got) == 1:
             h, (rows, g) = got[0]
-            optimizer.step(rows, g, lr, unique=h.unique, consume=True)
+            optimizer.step(rows, g, lr, unique=h.unique)
             return rows.numel()
         rows = torch.cat([rg[0] for _, rg in got])
-        optimizer.step(rows, torch.cat([rg[1] for _, rg in got]), lr, unique=False,
-                       consume=True)
+        optimizer.step(rows, torch.cat([rg[1] for _, rg in got]), lr, unique=False)
         return rows.numel()
 
     # ---------------------------------------------------------------- checkpoints

@@ -64,12 +64,33 @@ class RowGrad:
         self.active = leaf.requires_grad if active is None else active  # grad can arrive
         self._grad: torch.Tensor | None = None
         self._touched: torch.Tensor | None = None  # set by restrict()
+        # hybrid: (rows_d (u,), grad_d (u, d), (rows_f, coef, src, x)) with rows =
+        # [rows_f, rows_d]: the per-sample rows' gradients coef[i]·x[src[i]] kept factored
+        self._split = None
 
     @property
     def grad(self) -> torch.Tensor | None:
         if self.leaf is not None:
             return self.leaf.grad if self.leaf.requires_grad else None
+        if self._split is not None:
+            _, g_d, (_, coef, src, x) = self._split
+            return torch.cat([x.index_select(0, src).mul_(coef.unsqueeze(1)), g_d])
         return self._grad
+
+    def set_split(self, rows_d, grad_d, factored) -> None:
+        """Record a backward's gradient as dense rows plus factored ones (see ``_split``);
+        a second backward on the same handle materialises the sum."""
+        if self._split is None and self._grad is None:
+            self._split = (rows_d, grad_d, factored)
+            return
+        old = self.grad
+        self._split = (rows_d, grad_d, factored)
+        self._grad, self._split = old + self.grad, None
+
+    def split(self):
+        """(rows_d, grad_d, factored) for the optimizer to sum itself, or None (no split
+        gradient, or restricted: then use :meth:`collect`)."""
+        return self._split if self._touched is None else None
 
     def restrict(self, touched: torch.Tensor) -> None:
         """Hand the optimizer only ``touched`` (local ids) of this call's rows.
@@ -278,10 +299,11 @@ class _HybridLogits(torch.autograd.Function):
               kernels (dkd/head/native.py), or gather them once (B, nd, d) without.
     backward: grad (B, nd + u) = [g_r | g_s] ->
               grad_features = Σ_j g_r[b, j] W[row_cols[b, j]] + g_s W[shared_cols];
-              row gradients (B·nd + u, d) = [g_r[b, j] φ_b ; g_sᵀ φ], one per entry of
-              [row_cols.flatten(), shared_cols] (the handle's rows, repeats included: the
-              optimizer sums them, in one pass where its native kernel runs), written into
-              ``handle`` (accumulated over repeated backwards). ``anchor`` only makes
+              row gradients, one per entry of [row_cols.flatten(), shared_cols] (the
+              handle's rows, repeats included: the optimizer sums them): g_sᵀ φ (u, d) for
+              the shared rows and g_r[b, j] φ_b for the per-row ones, kept factored as
+              (coef g_r, source row b, φ) (``RowGrad.set_split``; the native optimizer
+              never materialises them). ``anchor`` only makes
               autograd call this backward when the features need no gradient; it gets None.
     """
 
@@ -318,15 +340,14 @@ class _HybridLogits(torch.autograd.Function):
             else:   # Σ_j g_r[b, j] w_row[b, j]; nd = 1: a plain product, as in forward
                 g_feat.add_(g_r * w[:, 0] if nd == 1 else torch.bmm(g_r.unsqueeze(1), w).squeeze(1))
         if ctx.needs_input_grad[1]:
-            g_rows = features.new_empty((B * nd + w_s.shape[0], d))
-            if ctx.native:
-                native.scale_rows(g_rows[:B * nd], g_r, features)
-            else:
-                torch.mul(g_r.unsqueeze(2), features.unsqueeze(1),
-                          out=g_rows[:B * nd].view(B, nd, d))
-            torch.mm(g_s.t(), features, out=g_rows[B * nd:])
             h = ctx.handle
-            h._grad = g_rows if h._grad is None else h._grad + g_rows
+            src = torch.arange(B, device=grad.device)
+            if nd > 1:
+                src = src.repeat_interleave(nd)
+            # per-sample rows stay factored, g_r[b, j]·φ_b: the optimizer sums them into
+            # their rows without a (B·nd, d) tensor ever being written
+            h.set_split(h.rows[B * nd:], g_s.t() @ features,
+                        (h.rows[:B * nd], g_r.reshape(-1), src, features))
         return g_feat, None, None, None, None, None
 
 

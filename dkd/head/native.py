@@ -77,11 +77,13 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(out))
     P, I, D, N = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     for name, args, res in (
-            ("dkd_row_adam", [P, P, P, P, P, I, P, I, D, D, D, D, D, N, N, P, P], I),
+            ("dkd_row_adam", [P, P, P, P, I, P, I, P, P, I, P, P, P, D, D, D, D, D, N, N, P, P],
+             I),
             ("dkd_gather_dot", [P, I, P, P, P, I, I, I], None),
             ("dkd_gather_axpy", [P, P, I, P, P, I, I, I], None),
-            ("dkd_scale_rows", [P, P, I, P, I, I, I], None),
-            ("dkd_sampled_loss", [P, P, P, I, P, I, P, I, I, I, D, D, P, P], None)):
+            ("dkd_sampled_loss", [P, P, P, I, P, I, P, I, I, I, D, D, P, P], None),
+            ("dkd_rbar_topk", [P, P, I, P, I, I, I, P], None),
+            ("dkd_topk_lookup", [P, P, P, P, I, I, P, I, P, P, P], None)):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
     return lib
@@ -137,23 +139,34 @@ _THREADED_ELEMENTS = 2 ** 18
 
 
 def row_adam(weight, exp_avg, exp_avg_sq, step, rows, grad, lr: float, betas, eps: float,
-             weight_decay: float, decoupled: bool, slot: torch.Tensor | None = None) -> int:
+             weight_decay: float, decoupled: bool, slot: torch.Tensor | None = None,
+             factored=None) -> int:
     """One lazy Adam (decoupled: AdamW) step, in place, on the rows ``rows`` (n,) int64 of
     the (C, d) float32 ``weight`` and moments with ``grad`` (n, d), bumping ``step`` (C,)
     float32 per row; rows=None: every row (grad (C, d)). Returns the distinct rows updated.
 
-    slot None: ``rows`` must be unique. slot (C,) int64 scratch: rows may repeat; their
-    gradients are summed first, **in grad** (it is overwritten). Callers check
-    :func:`supports` (slot and rows included)."""
-    n, d = (weight.shape[0] if rows is None else rows.numel()), weight.shape[1]
+    factored: optional (rows_f (n_f,), coef (n_f,), src (n_f,), x (·, d)): more gradient
+    rows, coef[i] · x[src[i]] for row rows_f[i], never materialised. slot: (C,) int64
+    scratch, required when rows repeat or ``factored`` is given: each distinct row's
+    gradients are then summed (factored ones first, in order). Inputs are not modified.
+    Callers check :func:`supports` on every tensor."""
+    d = weight.shape[1]
+    n_d = weight.shape[0] if rows is None else rows.numel()
+    rows_f, coef, src, x = factored if factored is not None else (None,) * 4
+    n_f = 0 if rows_f is None else rows_f.numel()
+    if n_f and slot is None:
+        raise ValueError("factored gradient rows need the slot map")
+    n = n_d + n_f
     threads = torch.get_num_threads() if n * d >= _THREADED_ELEMENTS else 1
-    dup = slot is not None and rows is not None
-    lead = torch.empty(n if dup else 0, dtype=torch.int64)
+    scratch = torch.empty(5 * n + 2 if slot is not None else 0, dtype=torch.int64)
+
+    def ptr(t):
+        return None if t is None else t.data_ptr()
     u = _lib.dkd_row_adam(
-        weight.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), step.data_ptr(),
-        None if rows is None else rows.data_ptr(), n, grad.data_ptr(), d, float(lr),
-        float(betas[0]), float(betas[1]), float(eps), float(weight_decay), int(decoupled),
-        threads, slot.data_ptr() if dup else None, lead.data_ptr() if dup else None)
+        weight.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), step.data_ptr(), d,
+        ptr(rows), n_d, grad.data_ptr(), ptr(rows_f), n_f, ptr(coef), ptr(src), ptr(x),
+        float(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay),
+        int(decoupled), threads, ptr(slot), ptr(scratch) if slot is not None else None)
     _written(weight, exp_avg, exp_avg_sq, step)
     return u
 
@@ -196,18 +209,6 @@ def gather_axpy_(out: torch.Tensor, coef: torch.Tensor, w: torch.Tensor,
     return out
 
 
-def scale_rows(out: torch.Tensor, coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """out[b·k + j] = coef[b, j] · x_b: out (B·k, d) contiguous, coef (B, k) with unit column
-    stride, x (B, d)."""
-    (B, k), d = coef.shape, x.shape[1]
-    if out.shape != (B * k, d) or not out.is_contiguous() or (k > 1 and coef.stride(1) != 1):
-        raise ValueError(f"out must be contiguous ({B * k}, {d}) and coef (B, k) with unit "
-                         f"column stride, got {tuple(out.shape)}, coef strides {coef.stride()}")
-    _lib.dkd_scale_rows(out.data_ptr(), coef.data_ptr(), coef.stride(0), x.data_ptr(), B, k, d)
-    _written(out)
-    return out
-
-
 def _row_view(x: torch.Tensor | None, shape, dtype) -> tuple[torch.Tensor | None, int]:
     """x broadcast to ``shape`` (B, n) as a tensor with unit column stride and its row
     stride (0 when one row is broadcast: it is never copied to (B, n))."""
@@ -238,5 +239,32 @@ def sampled_loss(z: torch.Tensor, a: torch.Tensor, o: torch.Tensor, keep, tgt, T
     return grad, out[0], out[1]
 
 
-__all__ = ["available", "status", "supports", "row_adam", "gather_dot", "gather_axpy_",
-           "scale_rows", "sampled_loss"]
+def rbar_topk(ids: torch.Tensor, pk: torch.Tensor, tail: torch.Tensor,
+              num_classes: int) -> torch.Tensor:
+    """(C,) float64 r̄(c) = mean_b tail_b + Σ_{b: c in top-K_b} (pk_b(c) − tail_b) / B from
+    ids (B, K) int64, pk (B, K) or (1, K) float64 and tail (B,) float64."""
+    B, K = ids.shape
+    pk = pk.contiguous()
+    out = torch.empty(num_classes, dtype=torch.float64)
+    _lib.dkd_rbar_topk(ids.data_ptr(), pk.data_ptr(), 0 if pk.shape[0] == 1 else K,
+                       tail.contiguous().data_ptr(), B, K, num_classes, out.data_ptr())
+    return out
+
+
+def topk_lookup(ids, logits, rest, y, draws, slot) -> tuple[torch.Tensor, torch.Tensor]:
+    """(teacher logits at [y_b, draws] (B, 1 + u) float32, in_d (B, u) bool: draw j is
+    row b's target) from a top-K teacher: ids (B, K) int64, logits (B, K) float32, rest (B,)
+    float64 completion logits, y (B,) int64, draws (u,) int64 distinct; slot (C,) int64
+    scratch that is all −1 before and after the call."""
+    B, K = ids.shape
+    u = draws.numel()
+    out = torch.empty((B, 1 + u), dtype=torch.float32)
+    in_d = torch.empty((B, u), dtype=torch.bool)
+    _lib.dkd_topk_lookup(ids.data_ptr(), logits.data_ptr(), rest.data_ptr(), y.data_ptr(), B,
+                         K, draws.data_ptr(), u, slot.data_ptr(), out.data_ptr(),
+                         in_d.data_ptr())
+    return out, in_d
+
+
+__all__ = ["available", "status", "supports", "disabled", "row_adam", "gather_dot",
+           "gather_axpy_", "sampled_loss", "rbar_topk", "topk_lookup"]

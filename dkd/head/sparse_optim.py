@@ -95,15 +95,18 @@ class SparseRowOptimizer:
     # ---------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, rows: torch.Tensor | None, grad: torch.Tensor, lr: float | None = None,
-             unique: bool = False, consume: bool = False) -> None:
+             unique: bool = False, factored=None) -> None:
         """Update ``rows`` (u,) of the weight with ``grad`` (u, d); rows=None: all rows.
 
         unique=True promises that ``rows`` has no duplicates and skips coalescing.
-        consume=True lets the step overwrite ``grad`` (the native kernel sums duplicate
-        rows in place; otherwise it works on a copy).
+        factored: optional (rows_f (n,), coef (n,), src (n,), x (·, d)), more gradient rows
+        given as coef[i] · x[src[i]] for row rows_f[i] (the hybrid kernel's per-sample
+        rows); summed with the others. Neither ``grad`` nor ``factored`` is modified.
         """
         lr = self.lr if lr is None else float(lr)
         if rows is None:
+            if factored is not None:
+                raise ValueError("a dense step (rows=None) takes no factored rows")
             return self._dense_step(grad, lr)
         if rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"rows must be a 1-D integer tensor, got {rows.dtype} "
@@ -111,11 +114,18 @@ class SparseRowOptimizer:
         if grad.shape != (rows.shape[0], self.weight.shape[1]):
             raise ValueError(f"grad must have shape ({rows.shape[0]}, {self.weight.shape[1]}),"
                              f" got {tuple(grad.shape)}")
-        if rows.numel() == 0:
+        if factored is not None:
+            factored = self._check_factored(factored)
+            unique = False
+        if rows.numel() == 0 and (factored is None or factored[0].numel() == 0):
             return
         rows, grad = rows.long(), grad.to(self.weight.dtype)
-        if self._native_step(rows, grad, lr, unique, consume):
+        if self._native_step(rows, grad, lr, unique, factored):
             return
+        if factored is not None:                # the torch path: materialise them
+            rows_f, c, src, x = factored
+            rows = torch.cat([rows_f, rows])
+            grad = torch.cat([x.index_select(0, src).mul_(c.unsqueeze(1)), grad])
         if not unique:
             rows, grad = self._coalesce(rows, grad)
         coef = self._row_coefficients(rows, lr)
@@ -159,26 +169,36 @@ class SparseRowOptimizer:
                 work["denom"] = denom[:work["param"].shape[0]]
             self._update(work, grad[i:i + n], lr, coef and tuple(c[i:i + n] for c in coef))
 
+    def _check_factored(self, factored):
+        rows_f, coef, src, x = factored
+        n = rows_f.numel()
+        if (rows_f.dim() != 1 or coef.shape != (n,) or src.shape != (n,) or x.dim() != 2
+                or x.shape[1] != self.weight.shape[1]):
+            raise ValueError(f"factored must be (rows (n,), coef (n,), src (n,), x (m, "
+                             f"{self.weight.shape[1]})), got shapes {[tuple(t.shape) for t in factored]}")
+        return (rows_f.long(), coef.to(self.weight.dtype), src.long(), x.to(self.weight.dtype))
+
     def _native_step(self, rows: torch.Tensor | None, grad: torch.Tensor, lr: float,
-                     unique: bool = True, consume: bool = False) -> bool:
+                     unique: bool = True, factored=None) -> bool:
         """Adam / AdamW on float32 host tensors: the whole step, duplicates summed, in one
-        C pass over the rows (dkd/head/native.py), in place, no gathers or scratch. False
-        where it does not apply (other kinds, dtypes or devices, lr = 0, kernels
-        unavailable): the caller then runs the torch path, which gives the same result to
-        float rounding."""
+        C pass over the rows (dkd/head/native.py), in place, no gathers. False where it
+        does not apply (other kinds, dtypes or devices, lr = 0, kernels unavailable): the
+        caller then runs the torch path, which gives the same result to float rounding."""
         if self.kind not in ("adam", "adamw") or lr == 0.0 or not self.use_native:
             return False
         st = self.state
         rows = None if rows is None else rows.contiguous()
         grad = grad.contiguous()
-        if not native.supports(self.weight, grad, st["exp_avg"], st["exp_avg_sq"], st["step"],
-                               *(() if rows is None else (rows,))) or not native.available():
+        if factored is not None:
+            factored = tuple(t.contiguous() for t in factored)
+        tensors = [self.weight, grad, st["exp_avg"], st["exp_avg_sq"], st["step"]]
+        tensors += [t for t in (rows, *(factored or ())) if t is not None]
+        if not native.supports(*tensors) or not native.available():
             return False
-        if not unique and not consume:
-            grad = grad.clone()                         # the kernel sums duplicates in it
         native.row_adam(self.weight, st["exp_avg"], st["exp_avg_sq"], st["step"], rows, grad,
                         lr, self.betas, self.eps, self.weight_decay,
-                        decoupled=self.kind == "adamw", slot=None if unique else self._slot)
+                        decoupled=self.kind == "adamw",
+                        slot=None if unique else self._slot, factored=factored)
         self._max_t += 1                  # as _row_coefficients: an upper bound of every t
         self.last_impl = "native"
         return True

@@ -202,15 +202,16 @@ def _hybrid(teacher_logits, ranking, y, proposal, m, top_t, correction, generato
     return hybrid_set(det, draws, o)
 
 
-def hybrid_set(det: torch.Tensor, draws: torch.Tensor, o: torch.Tensor) -> SampleSet:
+def hybrid_set(det: torch.Tensor, draws: torch.Tensor, o: torch.Tensor,
+               in_d: torch.Tensor | None = None) -> SampleSet:
     """SampleSet of the hybrid mode from D (B, 1 + t), unique shared draws (u,) and their
-    corrections o (u,): draws that hit a row's D are masked out of that row."""
+    corrections o (u,): draws that hit a row's D are masked out of that row (in_d (B, u),
+    computed here unless given)."""
     B, nd = det.shape
     u = draws.numel()
-    if nd == 1:
-        in_d = det == draws.unsqueeze(0)                                   # (B, u)
-    else:
-        in_d = (det.unsqueeze(2) == draws.view(1, 1, u)).any(1)
+    if in_d is None:
+        in_d = (det == draws.unsqueeze(0) if nd == 1                       # (B, u)
+                else (det.unsqueeze(2) == draws.view(1, 1, u)).any(1))
     first = torch.arange(nd + u, device=det.device) < nd                   # (n,) D columns
     return SampleSet(
         classes=torch.cat([det, draws.expand(B, u)], 1),

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dkd.head import native
 from dkd.head.shard import owner_of, stratified_counts
 from dkd.sampling.proposals import LaplaceMixtureProposal, Proposal, UniformProposal
 from dkd.sampling.sampler import CORRECTIONS, MODES, SampleSet, _draw, hybrid_set
@@ -646,6 +647,8 @@ def _hybrid(teacher, y, proposal, m, top_t, correction, generator, workspace):
     """D_b per row (as per_sample) + m draws from the unrestricted r̄ shared by the batch."""
     B, K, C = teacher.ids.shape[0], teacher.k, teacher.num_classes
     pk, tail = _row_probs(teacher, proposal, workspace)
+    if top_t == 0 and _native_hybrid_ok(teacher, y, generator):
+        return _hybrid_native(teacher, y, pk, tail, m, correction, generator, workspace)
     if B * C <= DENSE_HYBRID_ENTRIES:
         dense = teacher.dense()                                          # (B, C)
         # r̄ = mean_b tail_b + Σ_b (r_b - tail_b) / B on each row's top-K: (C,) float64
@@ -670,6 +673,38 @@ def _hybrid(teacher, y, proposal, m, top_t, correction, generator, workspace):
     else:
         det, det_a, _, _ = _row_deterministic(teacher, y, top_t)
     return hybrid_set(det, draws, o.float()), torch.cat([det_a, a_s], 1)
+
+
+def _native_hybrid_ok(teacher, y, generator) -> bool:
+    """The native look-ups apply: host tensors, float32 top-K logits, C small enough for a
+    (C,) r̄ (the dense-teacher regime), the draws on the host."""
+    t = teacher
+    return (t.ids.device.type == "cpu" and t.logits.dtype == torch.float32
+            and t.ids.dtype == torch.int64 and t.ids.is_contiguous() and t.logits.is_contiguous()
+            and t.ids.shape[0] * t.num_classes <= DENSE_HYBRID_ENTRIES
+            and _gen_device(generator).type == "cpu" and native.available())
+
+
+def _hybrid_native(teacher, y, pk, tail, m, correction, generator, workspace):
+    """_hybrid with top_t = 0 through two native kernels: r̄ over the C classes from the
+    top-K (no (B, K) temporaries) and the teacher logits at [y_b, draws] plus the target
+    mask in one O(B·K) pass (no dense (B, C) teacher). Same draws and numbers as the
+    dense branch to float rounding."""
+    C = teacher.num_classes
+    rbar_all = native.rbar_topk(teacher.ids, pk, tail, C)
+    total = rbar_all.sum()
+    draws, counts = torch.unique(_draw(rbar_all, m, generator), return_counts=True)
+    o = torch.log(rbar_all.index_select(0, draws) / (counts * total))
+    if correction == "expected":
+        o = o + math.log(m)
+    ws = {} if workspace is None else workspace
+    slot = ws.get("lookup_slot")
+    if slot is None or slot.numel() < C:
+        slot = ws["lookup_slot"] = torch.full((C,), -1, dtype=torch.long)
+    y = y.long().contiguous()
+    a, in_d = native.topk_lookup(teacher.ids, teacher.logits,
+                                 teacher.rest_logit().contiguous(), y, draws, slot)
+    return hybrid_set(y.unsqueeze(1), draws, o.float(), in_d), a
 
 
 def batch_mixture_topk(teacher: TopKTeacher, y: torch.Tensor, proposal: Proposal,

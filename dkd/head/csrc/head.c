@@ -1,22 +1,24 @@
 /* Native kernels of the head (dkd/head/native.py): plain C, no torch headers.
  *
  * 1. dkd_row_adam: lazy row-sparse Adam / AdamW in one pass over each touched row.
- * 2. dkd_gather_dot / dkd_gather_axpy / dkd_scale_rows: the per-row part of the hybrid
- *    logits (logits[b, j] = x_b . W[idx[b, j]]) and its two backward products, reading the
- *    weight rows in place instead of gathering a (B, k, d) copy first.
+ * 2. dkd_gather_dot / dkd_gather_axpy: the per-row part of the hybrid logits
+ *    (logits[b, j] = x_b . W[idx[b, j]]) and its features' gradient, reading the weight
+ *    rows in place instead of gathering a (B, k, d) copy first.
+ * 3. dkd_sampled_loss: the one-process sampled KD + CE loss and its gradient in one pass.
  *
  * --- 1. dkd_row_adam ---
  *
- * For each i < u, row r = rows[i] (rows == NULL: r = i, a dense step) of the (C, d)
- * float32 weight w and its moments m, v is updated in place with gradient row g[i]:
+ * Each touched row r of the (C, d) float32 weight w and its moments m, v is updated in
+ * place with its gradient g (rows NULL: every row, a dense step):
  *   t = ++step[r];  a = bc1 / sqrt(bc2),  e = bc1 * eps  (bc = 1 - beta^t, in double)
  *   g' = g + wd * p            (Adam, L2)      or   p *= 1 - lr * wd   (AdamW)
  *   m = lerp(m, g', 1 - b1);  v = b2 * v + (1 - b2) * g'^2;  p += -lr * (m / (sqrt(v) * a + e))
  * which is SparseRowOptimizer's torch path operation for operation (same rounding order,
- * no FMA contraction). Rows may repeat when a slot map is given: each duplicate's gradient
- * is first summed into its first occurrence's row of g (g is scratch then), in order of
- * occurrence, as the torch path's index_add does. No gather, no scatter, no scratch: every
- * element of w, m, v, g is read once and w, m, v written once, which is the whole point:
+ * no FMA contraction). Rows may repeat when a slot map is given: a row's gradients are
+ * summed in order of occurrence (as the torch path's index_add does) into a row buffer,
+ * and some may be given factored, coef * x[src] (the hybrid kernel's per-sample rows:
+ * never materialised as a (B, d) tensor). No gather, no scatter: every element of w, m,
+ * v, g is read once and w, m, v written once, which is the whole point:
  * the torch path needs ~15 passes (gathers, lerp, addcmul, sqrt, ..., index_copy back).
  * nthreads > 1 splits the rows over pthreads when the step is large enough to pay.
  */
@@ -26,94 +28,145 @@
 
 typedef struct {
     float *w, *m, *v, *step;
-    const int64_t *rows, *lead;     /* lead: positions i to update (NULL: every i) */
-    const float *g;
-    int64_t lo, hi, d;
+    int64_t d;
     double lr, b1, b2, eps, wd;
     int decoupled;
-} job_t;
+} adam_t;
 
-static void adam_rows(const job_t *j)
+/* One Adam step of row r with gradient gr (d,). */
+static void adam_row(const adam_t *o, int64_t r, const float *restrict gr)
 {
-    const float lr = (float)j->lr, nlr = -(float)j->lr, wd = (float)j->wd;
-    const float omb1 = (float)(1.0 - j->b1), b1 = (float)j->b1;
-    const float b2 = (float)j->b2, omb2 = (float)(1.0 - j->b2);
-    const float decay = (float)(1.0 - j->lr * j->wd);
-    const int64_t d = j->d;
-    (void)lr;
-    for (int64_t q = j->lo; q < j->hi; ++q) {
-        const int64_t i = j->lead ? j->lead[q] : q;
-        const int64_t r = j->rows ? j->rows[i] : i;
-        const float t = j->step[r] + 1.0f;
-        j->step[r] = t;
-        const double bc1 = 1.0 - pow(j->b1, (double)t), bc2 = 1.0 - pow(j->b2, (double)t);
-        const float a = (float)(bc1 / sqrt(bc2)), e = (float)(bc1 * j->eps);
-        float *restrict p = j->w + r * d, *restrict mr = j->m + r * d, *restrict vr = j->v + r * d;
-        const float *restrict gr = j->g + i * d;
-        if (j->decoupled && wd != 0.0f)
-            for (int64_t k = 0; k < d; ++k) p[k] *= decay;
-        for (int64_t k = 0; k < d; ++k) {
-            float gk = gr[k];
-            if (!j->decoupled) gk = gk + wd * p[k];
-            /* torch.lerp: start + w * (end - start) for w < 0.5, else end - (end - start) * (1 - w) */
-            const float mk = omb1 < 0.5f ? mr[k] + omb1 * (gk - mr[k]) : gk - (gk - mr[k]) * b1;
-            const float vk = vr[k] * b2 + omb2 * gk * gk;
-            mr[k] = mk;
-            vr[k] = vk;
-            p[k] = p[k] + nlr * (mk / (sqrtf(vk) * a + e));
-        }
+    const float nlr = -(float)o->lr, wd = (float)o->wd;
+    const float omb1 = (float)(1.0 - o->b1), b1 = (float)o->b1;
+    const float b2 = (float)o->b2, omb2 = (float)(1.0 - o->b2);
+    const float decay = (float)(1.0 - o->lr * o->wd);
+    const int64_t d = o->d;
+    const float t = o->step[r] + 1.0f;
+    o->step[r] = t;
+    const double bc1 = 1.0 - pow(o->b1, (double)t), bc2 = 1.0 - pow(o->b2, (double)t);
+    const float a = (float)(bc1 / sqrt(bc2)), e = (float)(bc1 * o->eps);
+    float *restrict p = o->w + r * d, *restrict mr = o->m + r * d, *restrict vr = o->v + r * d;
+    if (o->decoupled && wd != 0.0f)
+        for (int64_t k = 0; k < d; ++k) p[k] *= decay;
+    for (int64_t k = 0; k < d; ++k) {
+        float gk = gr[k];
+        if (!o->decoupled) gk = gk + wd * p[k];
+        /* torch.lerp: start + w (end - start) for w < 0.5, else end - (end - start)(1 - w) */
+        const float mk = omb1 < 0.5f ? mr[k] + omb1 * (gk - mr[k]) : gk - (gk - mr[k]) * b1;
+        const float vk = vr[k] * b2 + omb2 * gk * gk;
+        mr[k] = mk;
+        vr[k] = vk;
+        p[k] = p[k] + nlr * (mk / (sqrtf(vk) * a + e));
     }
 }
 
-static void *adam_thread(void *arg) { adam_rows((const job_t *)arg); return 0; }
+/* Gradient sources: entries e < n_f are factored, gradient coef[e] * x[src[e]], of row
+ * rows_f[e]; entries e >= n_f are dense, gradient g[e - n_f], of row rows_d[e - n_f]
+ * (rows_d NULL: row e - n_f). Grouped (urow != NULL): distinct row k = urow[k] gets the
+ * sum of entries list[start[k] .. start[k + 1]) in order of occurrence. */
+typedef struct {
+    const adam_t *o;
+    const int64_t *rows_f, *src, *rows_d;
+    const float *coef, *x, *g;
+    int64_t n_f;
+    const int64_t *urow, *start, *list;
+    int64_t lo, hi;
+} job_t;
 
-/* Sum the gradient rows of repeated ids into their first occurrence; write the positions
- * of first occurrences to lead and return their count. slot: (C,) scratch. */
-static int64_t coalesce(const int64_t *rows, int64_t n, float *g, int64_t d, int64_t *slot,
-                        int64_t *lead)
+static void run_job(const job_t *j)
 {
-    int64_t u = 0;
-    for (int64_t i = 0; i < n; ++i) slot[rows[i]] = -1;
-    for (int64_t i = 0; i < n; ++i) {
-        const int64_t s = slot[rows[i]];
-        if (s < 0) {
-            slot[rows[i]] = i;
-            lead[u++] = i;
-            continue;
-        }
-        float *restrict dst = g + s * d;
-        const float *restrict src = g + i * d;
-        for (int64_t k = 0; k < d; ++k) dst[k] += src[k];
+    const int64_t d = j->o->d;
+    if (!j->urow) {                        /* unique dense rows: no summing */
+        for (int64_t q = j->lo; q < j->hi; ++q)
+            adam_row(j->o, j->rows_d ? j->rows_d[q] : q, j->g + q * d);
+        return;
     }
+    float buf[d];
+    for (int64_t k = j->lo; k < j->hi; ++k) {
+        for (int64_t t = 0; t < d; ++t) buf[t] = 0.0f;
+        for (int64_t q = j->start[k]; q < j->start[k + 1]; ++q) {
+            const int64_t e = j->list[q];
+            if (e < j->n_f) {
+                const float c = j->coef[e];
+                const float *restrict xs = j->x + j->src[e] * d;
+                for (int64_t t = 0; t < d; ++t) buf[t] += c * xs[t];
+            } else {
+                const float *restrict gs = j->g + (e - j->n_f) * d;
+                for (int64_t t = 0; t < d; ++t) buf[t] += gs[t];
+            }
+        }
+        adam_row(j->o, j->urow[k], buf);
+    }
+}
+
+static void *job_thread(void *arg) { run_job((const job_t *)arg); return 0; }
+
+/* Group the n = n_f + n_d entries by row: returns the number u of distinct rows and fills
+ * urow (u), start (u + 1), list (n) in scratch (5n + 2 int64); slot: (C,) scratch. */
+static int64_t group_rows(const job_t *j, int64_t n, int64_t *slot, int64_t *scratch,
+                          const int64_t **urow, const int64_t **start, const int64_t **list)
+{
+    int64_t *lead_of = scratch, *ur = scratch + n, *st = scratch + 2 * n;
+    int64_t *pos = scratch + 3 * n + 1, *ls = scratch + 4 * n + 2;
+#define ROW(e) ((e) < j->n_f ? j->rows_f[e] : (j->rows_d ? j->rows_d[(e) - j->n_f] : (e) - j->n_f))
+    for (int64_t e = 0; e < n; ++e) slot[ROW(e)] = -1;
+    int64_t u = 0;
+    for (int64_t e = 0; e < n; ++e) {
+        const int64_t r = ROW(e);
+        if (slot[r] < 0) {
+            slot[r] = u;
+            ur[u] = r;
+            pos[u++] = 0;
+        }
+        lead_of[e] = slot[r];
+        pos[slot[r]]++;
+    }
+#undef ROW
+    st[0] = 0;
+    for (int64_t k = 0; k < u; ++k) {
+        st[k + 1] = st[k] + pos[k];
+        pos[k] = st[k];
+    }
+    for (int64_t e = 0; e < n; ++e) ls[pos[lead_of[e]]++] = e;
+    *urow = ur;
+    *start = st;
+    *list = ls;
     return u;
 }
 
 #define MAX_THREADS 64
 
-/* n gradient rows; slot/lead non-NULL: rows may repeat (g is then overwritten). Returns the
- * number of distinct rows updated. */
-int64_t dkd_row_adam(float *w, float *m, float *v, float *step, const int64_t *rows, int64_t n,
-                     float *g, int64_t d, double lr, double b1, double b2, double eps,
-                     double wd, int decoupled, int nthreads, int64_t *slot, int64_t *lead)
+/* Lazy Adam / AdamW over the rows of n_d dense gradient rows (rows_d, g) and n_f factored
+ * ones (rows_f, coef, src, x); see job_t. slot == NULL: the dense rows are unique and there
+ * are no factored ones (no grouping). Returns the number of distinct rows updated. */
+int64_t dkd_row_adam(float *w, float *m, float *v, float *step, int64_t d,
+                     const int64_t *rows_d, int64_t n_d, const float *g,
+                     const int64_t *rows_f, int64_t n_f, const float *coef,
+                     const int64_t *src, const float *x,
+                     double lr, double b1, double b2, double eps, double wd, int decoupled,
+                     int nthreads, int64_t *slot, int64_t *scratch)
 {
-    const int64_t u = (rows && slot && lead) ? coalesce(rows, n, g, d, slot, lead) : n;
-    if (!(rows && slot && lead)) lead = 0;
+    adam_t o = {w, m, v, step, d, lr, b1, b2, eps, wd, decoupled};
+    job_t base = {&o, rows_f, src, rows_d, coef, x, g, n_f, 0, 0, 0, 0, 0};
+    int64_t u = n_d;
+    if (slot) u = group_rows(&base, n_f + n_d, slot, scratch, &base.urow, &base.start, &base.list);
     job_t jobs[MAX_THREADS];
     pthread_t tid[MAX_THREADS];
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     if (nthreads > u) nthreads = (int)u;
     if (nthreads < 1) nthreads = 1;
-    int started = 0;
     for (int k = 0; k < nthreads; ++k) {
-        job_t j = {w, m, v, step, rows, lead, g, u * k / nthreads, u * (k + 1) / nthreads, d,
-                   lr, b1, b2, eps, wd, decoupled};
-        jobs[k] = j;
+        jobs[k] = base;
+        jobs[k].lo = u * k / nthreads;
+        jobs[k].hi = u * (k + 1) / nthreads;
     }
-    for (int k = 1; k < nthreads; ++k)
-        if (pthread_create(&tid[k], 0, adam_thread, &jobs[k]) == 0) started = k;
-        else break;
-    adam_rows(&jobs[0]);
-    for (int k = started + 1; k < nthreads; ++k) adam_rows(&jobs[k]);  /* not started: inline */
+    int started = 0;
+    for (int k = 1; k < nthreads; ++k) {
+        if (pthread_create(&tid[k], 0, job_thread, &jobs[k]) != 0) break;
+        started = k;
+    }
+    run_job(&jobs[0]);
+    for (int k = started + 1; k < nthreads; ++k) run_job(&jobs[k]);   /* not started: inline */
     for (int k = 1; k <= started; ++k) pthread_join(tid[k], 0);
     return u;
 }
@@ -153,19 +206,6 @@ void dkd_gather_axpy(float *out, const float *coef, int64_t ldc, const float *w,
             for (int64_t t = 0; t < d; ++t) ob[t] += c * wr[t];
         }
     }
-}
-
-/* out[b * k + j] = coef[b * ldc + j] * x_b   (out: (B * k, d), the rows' gradients) */
-void dkd_scale_rows(float *out, const float *coef, int64_t ldc, const float *x, int64_t B,
-                    int64_t k, int64_t d)
-{
-    for (int64_t b = 0; b < B; ++b)
-        for (int64_t j = 0; j < k; ++j) {
-            const float c = coef[b * ldc + j];
-            float *restrict o = out + (b * k + j) * d;
-            const float *restrict xb = x + b * d;
-            for (int64_t t = 0; t < d; ++t) o[t] = c * xb[t];
-        }
 }
 
 /* --- 3. the sampled mixed KD + CE loss on one process (dkd/losses/sampled.py) ---
@@ -225,4 +265,50 @@ void dkd_sampled_loss(const float *z, const float *a, const float *o, int64_t ld
     }
     out[0] = kd_sum / (double)B;
     out[1] = tgt ? ce_sum / (double)B : NAN;
+}
+
+/* --- 4. the hybrid sampler's top-K teacher look-ups (dkd/sampling/topk_sampler.py) ---
+ *
+ * dkd_rbar_topk: r̄ over all C classes from a top-K teacher, out (C,) float64:
+ *   r̄(c) = mean_b tail_b + sum_{(b, k): ids[b, k] = c} (1 / B) (pk[b, k] - tail_b),
+ * pk rows at stride ldp (0: one row for every sample). */
+void dkd_rbar_topk(const int64_t *ids, const double *pk, int64_t ldp, const double *tail,
+                   int64_t B, int64_t K, int64_t C, double *out)
+{
+    double tm = 0.0;
+    for (int64_t b = 0; b < B; ++b) tm += tail[b];
+    tm /= (double)B;
+    for (int64_t c = 0; c < C; ++c) out[c] = tm;
+    const double inv_b = 1.0 / (double)B;
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t k = 0; k < K; ++k)
+            out[ids[b * K + k]] += inv_b * (pk[b * ldp + k] - tail[b]);
+}
+
+/* dkd_topk_lookup: completed teacher logits at [y_b, draws] for every row, out (B, 1 + u)
+ * float32 (a top-K logit where the class is in the row's top-K, else the row's completion
+ * logit rest_b), and in_d (B, u): draw j is the row's target. slot: (C,) int64, all -1 on
+ * entry and on return. */
+void dkd_topk_lookup(const int64_t *ids, const float *logits, const double *rest,
+                     const int64_t *y, int64_t B, int64_t K, const int64_t *draws, int64_t u,
+                     int64_t *slot, float *out, uint8_t *in_d)
+{
+    for (int64_t j = 0; j < u; ++j) slot[draws[j]] = j;
+    for (int64_t b = 0; b < B; ++b) {
+        const float r = (float)rest[b];
+        float *ob = out + b * (1 + u);
+        float ya = r;
+        for (int64_t j = 0; j < u; ++j) {
+            ob[1 + j] = r;
+            in_d[b * u + j] = draws[j] == y[b];
+        }
+        for (int64_t k = 0; k < K; ++k) {
+            const int64_t c = ids[b * K + k];
+            const int64_t s = slot[c];
+            if (s >= 0) ob[1 + s] = logits[b * K + k];
+            if (c == y[b]) ya = logits[b * K + k];
+        }
+        ob[0] = ya;
+    }
+    for (int64_t j = 0; j < u; ++j) slot[draws[j]] = -1;
 }
