@@ -13,6 +13,10 @@ after that class count's sampled cases; the median over both):
 number of logit columns per sample row (batch_shared: the shared set over all ranks;
 per_sample: 1 + top_t + m); ``frac_of_bound = speedup_vs_full / bound``.
 
+Head kernels (``kernels`` in the records): ``native`` when the head's C kernels
+(dkd/head/native.py) are built, which full KD's dense Adam step uses as well as the
+sampled paths; ``torch (<reason>)`` otherwise. ``DKD_NATIVE=0`` measures the torch paths.
+
 Timing: ``warmup`` untimed steps, then ``repeats`` timed steps, each a wall-clock
 interval (CPU ops are synchronous); median, p10 and p90. ``cpu_median_ms`` is the median
 process CPU time of a step (all threads; less sensitive to other load on the machine,
@@ -54,6 +58,7 @@ import torch
 import torch.distributed as dist
 
 from dkd.bench_cases import HeadBench, bound_of, full_step_bytes, make_proposal
+from dkd.head import native
 
 DEFAULT_CLASSES = [751, 10_000, 100_000]
 DEFAULT_KS = [20, 120, 1000]
@@ -237,7 +242,7 @@ def _run_world(cfg: dict, group, world: int, rank: int) -> list[dict]:
     malloc = "no-trim" if tune_malloc() else "default"
     base = {"world_size": world, "batch": B, "dim": d, "teacher_topk": cfg["teacher_topk"],
             "malloc": malloc, "threads": torch.get_num_threads(), "warmup": cfg["warmup"],
-            "repeats": cfg["repeats"], "torch": torch.__version__}
+            "repeats": cfg["repeats"], "torch": torch.__version__, "kernels": native.status()}
     for i, C in enumerate(cfg["classes"]):
         hb = HeadBench(C, B, d, cfg["teacher_topk"], cfg["seed"], group, world, rank)
         need = full_step_bytes(C, B, d)
@@ -338,14 +343,24 @@ def bench_targets(records: list[dict]) -> list[dict]:
     def add(name, value, ok, text):
         out.append({"target": name, "measured": value, "met": ok, "detail": text})
 
-    for C, k, mode, need in ((100_000, 1000, "batch_shared", 50.0), (751, 20, "per_sample", 4.0),
-                             (751, 20, "batch_shared", 4.0), (751, 20, "hybrid", 4.0), (100_000, 120, "per_sample", 10.0)):
+    def detail(r):
+        return (f"bound {r['bound']:.1f}x, {r['median_ms']:.2f} ms vs full "
+                f"{r['full_median_ms']:.1f} ms{_cpu_ratio(records, r)}")
+
+    for C, k, mode, need in ((100_000, 1000, "batch_shared", 50.0),
+                             (100_000, 120, "per_sample", 10.0)):
         r = _find(records, C, k, "dis", mode)
         v = None if r is None else r["speedup_vs_full"]
         add(f"dis {mode} C={C} k={k}: speedup >= {need:g}x", v,
-            None if v is None else v >= need,
-            "" if r is None else f"bound {r['bound']:.1f}x, {r['median_ms']:.2f} ms vs "
-                                 f"full {r['full_median_ms']:.1f} ms{_cpu_ratio(records, r)}")
+            None if v is None else v >= need, "" if r is None else detail(r))
+    # The paper's Market-1501 setting names no mode: the fastest one counts, all are shown.
+    got = [r for r in (_find(records, 751, 20, "dis", m) for m in MODES)
+           if r is not None and r["speedup_vs_full"] is not None]
+    best = max(got, key=lambda r: r["speedup_vs_full"], default=None)
+    v = None if best is None else best["speedup_vs_full"]
+    add("dis C=751 k=20 (fastest mode): speedup >= 4x", v, None if v is None else v >= 4.0,
+        "" if best is None else f"{best['mode']}: {detail(best)}; " + ", ".join(
+            f"{r['mode']} {r['speedup_vs_full']:.1f}x" for r in got if r is not best))
     big, ref = _find(records, 10 ** 6, 1000, "dis", "batch_shared"), \
         _find(records, 10_000, 1000, "dis", "batch_shared")
     v = None if big is None or ref is None else big["median_ms"] / ref["median_ms"]
@@ -397,6 +412,8 @@ def bench_markdown(records: list[dict]) -> str:
         lines.append(f"| {t['target']} | {_f(t['measured'], '.3g')} | {met} | {t['detail']} |")
     skipped = sorted({(r["classes"], r["full_skipped"]) for r in records if r.get("full_skipped")})
     lines += [f"\nC={c}: {why}" for c, why in skipped]
+    kernels = sorted({r.get("kernels", "?") for r in records})
+    lines.append(f"\nhead kernels: {', '.join(kernels)}")
     return "\n".join(lines) + "\n"
 
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from dkd.bench import bench_markdown, run_softmax_bench, write_bench
+from dkd.bench import bench_markdown, bench_targets, run_softmax_bench, write_bench
 
 REQUIRED = ("classes", "k", "method", "mode", "world_size", "batch", "dim", "median_ms",
             "full_median_ms", "speedup_vs_full", "bound", "frac_of_bound", "peak_mem_mb",
@@ -41,6 +41,28 @@ def test_records_complete_and_sane(records):
     assert {r["world_size"] for r in records} == {1, 2}
     assert {(r["method"], r["mode"]) for r in records if r["k"]} == {
         (m, d) for m in ("uniform", "ftis", "dis") for d in ("batch_shared", "per_sample", "hybrid")}
+
+
+def test_records_name_the_head_kernels(records):
+    from dkd.head import native
+    assert {r["kernels"] for r in records} == {native.status()}
+    assert f"head kernels: {native.status()}" in bench_markdown(records)
+
+
+def test_c751_target_takes_the_fastest_mode():
+    """The C = 751 target names no mode: it is met by the fastest, and the detail lists
+    the others (records shaped like the bench's, speedups given)."""
+    def rec(mode, speedup):
+        return {"classes": 751, "k": 20, "method": "dis", "mode": mode, "world_size": 1,
+                "speedup_vs_full": speedup, "bound": 30.0, "median_ms": 8.0 / speedup,
+                "full_median_ms": 8.0}
+    recs = [rec("batch_shared", 1.7), rec("per_sample", 1.2), rec("hybrid", 4.5)]
+    (t,) = [t for t in bench_targets(recs) if "C=751" in t["target"]]
+    assert t["measured"] == 4.5 and t["met"] is True
+    assert t["detail"].startswith("hybrid:") and "batch_shared 1.7x, per_sample 1.2x" in t["detail"]
+    recs[2]["speedup_vs_full"] = 3.0
+    (t,) = [t for t in bench_targets(recs) if "C=751" in t["target"]]
+    assert t["met"] is False and t["measured"] == 3.0
 
 
 def test_write_bench(records, tmp_path):

@@ -127,20 +127,27 @@ def test_sampled_loss_matches_torch_path(lam, masked):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("C", [751, 100_000])
 @pytest.mark.parametrize("proposal", ["dis", "ftis", "uniform"])
-def test_hybrid_sampler_native_lookups_match_torch_path(proposal):
-    """The hybrid sampler's native r̄ and teacher look-ups give the dense branch's draws,
-    corrections, masks and teacher logits."""
+def test_topk_sampler_native_helpers_match_torch_path(proposal, C):
+    """The sampler's native helpers (hybrid r̄ and teacher look-ups, target positions, the
+    tail fill's clash test) give the torch path's draws, corrections, masks and teacher
+    logits, in every mode."""
     from dkd.bench_cases import make_proposal, synthetic_topk_teacher
     from dkd.sampling.topk_sampler import sample_classes_topk
-    teacher, y = synthetic_topk_teacher(48, 751, 40, seed=0)
-    out = []
-    for off in (False, True):
-        with native.disabled() if off else torch.enable_grad():
-            out.append(sample_classes_topk(teacher, y, make_proposal(proposal), 25, mode="hybrid",
-                                           generator=torch.Generator().manual_seed(3),
-                                           workspace={}, return_teacher=True))
-    (s1, a1), (s2, a2) = out
-    assert torch.equal(s1.classes, s2.classes) and torch.equal(s1.mask, s2.mask)
-    torch.testing.assert_close(s1.log_correction, s2.log_correction)
-    torch.testing.assert_close(a1, a2)
+    teacher, y = synthetic_topk_teacher(48, C, 40, seed=0)
+    for mode, top_t in (("per_sample", 0), ("per_sample", 2), ("batch_shared", 0),
+                        ("hybrid", 0), ("hybrid", 2)):
+        out = []
+        for off in (False, True):
+            with native.disabled() if off else torch.enable_grad():
+                out.append(sample_classes_topk(
+                    teacher, y, make_proposal(proposal), 25, mode=mode, top_t=top_t,
+                    generator=torch.Generator().manual_seed(3), workspace={},
+                    return_teacher=True))
+        (s1, a1), (s2, a2) = out
+        assert torch.equal(s1.classes, s2.classes), mode
+        assert (s1.mask is None) == (s2.mask is None)
+        assert s1.mask is None or torch.equal(s1.mask, s2.mask)
+        torch.testing.assert_close(s1.log_correction, s2.log_correction)
+        torch.testing.assert_close(a1, a2)

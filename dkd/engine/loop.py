@@ -141,6 +141,8 @@ def _metrics(out: dict, step: int, lr: float, times: dict, iter_ms: float, p: Tr
         m[f"{name}_ms"] = times.get(f"{name}_ms", 0.0)
     if out.get("kernel_path"):
         m["kernel_path"] = out["kernel_path"]  # which sampled-logit kernel ran (auto picks)
+    if p.head_opt.last_impl:
+        m["head_update"] = p.head_opt.last_impl  # native (C) or torch row-sparse update
     prop = p.layer.proposal
     if prop is not None:
         m["proposal/step"] = prop.step

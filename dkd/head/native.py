@@ -83,7 +83,9 @@ def _build() -> ctypes.CDLL:
             ("dkd_gather_axpy", [P, P, I, P, P, I, I, I], None),
             ("dkd_sampled_loss", [P, P, P, I, P, I, P, I, I, I, D, D, P, P], None),
             ("dkd_rbar_topk", [P, P, I, P, I, I, I, P], None),
-            ("dkd_topk_lookup", [P, P, P, P, I, I, P, I, P, P, P], None)):
+            ("dkd_topk_lookup", [P, P, P, P, I, I, P, I, P, P, P], None),
+            ("dkd_target_pos", [P, I, I, P, P], None),
+            ("dkd_tail_clash", [P, I, I, P, P, I, P, P, P, P], None)):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
     return lib
@@ -266,5 +268,26 @@ def topk_lookup(ids, logits, rest, y, draws, slot) -> tuple[torch.Tensor, torch.
     return out, in_d
 
 
+def target_pos(ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 column of y_b in row b of ids (B, K) int64 (distinct per row), K if absent."""
+    B, K = ids.shape
+    pos = torch.empty(B, dtype=torch.int64)
+    _lib.dkd_target_pos(ids.data_ptr(), B, K, y.data_ptr(), pos.data_ptr())
+    return pos
+
+
+def tail_clash(ids, y, cand, is_tail, slot) -> torch.Tensor:
+    """(B, m) bool: is_tail[b, j] and cand[j] is in row b's top-K (ids (B, K)) or is y_b;
+    all int64 / bool, contiguous; slot (C,) int64 all −1 before and after."""
+    B, K = ids.shape
+    m = cand.numel()
+    bad = torch.empty((B, m), dtype=torch.bool)
+    nxt = torch.empty(m, dtype=torch.int64)
+    _lib.dkd_tail_clash(ids.data_ptr(), B, K, y.data_ptr(), cand.data_ptr(), m,
+                        is_tail.data_ptr(), slot.data_ptr(), nxt.data_ptr(), bad.data_ptr())
+    return bad
+
+
 __all__ = ["available", "status", "supports", "disabled", "row_adam", "gather_dot",
-           "gather_axpy_", "sampled_loss", "rbar_topk", "topk_lookup"]
+           "gather_axpy_", "sampled_loss", "rbar_topk", "topk_lookup", "target_pos",
+           "tail_clash"]

@@ -383,6 +383,9 @@ def _gen_device(generator):
 
 def _target_pos(teacher: TopKTeacher, y: torch.Tensor):
     """(pos_y (B,) column of the target in the top-K, K if absent; y_in (B,) bool)."""
+    if _native_ids_ok(teacher, y):
+        pos = native.target_pos(teacher.ids, y.long().contiguous())
+        return pos, pos < teacher.k
     rows, cols = (teacher.ids == y.long().unsqueeze(1)).nonzero(as_tuple=True)  # distinct ids
     pos = torch.full_like(y, teacher.k, dtype=torch.long).index_put_((rows,), cols)
     return pos, pos < teacher.k
@@ -675,6 +678,22 @@ def _hybrid(teacher, y, proposal, m, top_t, correction, generator, workspace):
     return hybrid_set(det, draws, o.float()), torch.cat([det_a, a_s], 1)
 
 
+def _native_ids_ok(teacher, y) -> bool:
+    """The native top-K helpers apply: host int64 ids, contiguous."""
+    return (teacher.ids.device.type == "cpu" and y.device.type == "cpu"
+            and teacher.ids.dtype == torch.int64 and teacher.ids.is_contiguous()
+            and native.available())
+
+
+def _lookup_slot(workspace: dict | None, C: int) -> torch.Tensor:
+    """(C,) int64 scratch of the native look-ups, all −1 between calls."""
+    ws = {} if workspace is None else workspace
+    slot = ws.get("lookup_slot")
+    if slot is None or slot.numel() < C:
+        slot = ws["lookup_slot"] = torch.full((C,), -1, dtype=torch.long)
+    return slot
+
+
 def _native_hybrid_ok(teacher, y, generator) -> bool:
     """The native look-ups apply: host tensors, float32 top-K logits, C small enough for a
     (C,) r̄ (the dense-teacher regime), the draws on the host."""
@@ -697,13 +716,9 @@ def _hybrid_native(teacher, y, pk, tail, m, correction, generator, workspace):
     o = torch.log(rbar_all.index_select(0, draws) / (counts * total))
     if correction == "expected":
         o = o + math.log(m)
-    ws = {} if workspace is None else workspace
-    slot = ws.get("lookup_slot")
-    if slot is None or slot.numel() < C:
-        slot = ws["lookup_slot"] = torch.full((C,), -1, dtype=torch.long)
     y = y.long().contiguous()
-    a, in_d = native.topk_lookup(teacher.ids, teacher.logits,
-                                 teacher.rest_logit().contiguous(), y, draws, slot)
+    a, in_d = native.topk_lookup(teacher.ids, teacher.logits, teacher.rest_logit().contiguous(),
+                                 y, draws, _lookup_slot(workspace, C))
     return hybrid_set(y.unsqueeze(1), draws, o.float(), in_d), a
 
 
@@ -821,14 +836,18 @@ def _tail_fill(teacher, y, is_tail, cls, generator, workspace):
     dev, C, K = teacher.ids.device, teacher.num_classes, teacher.k
     cand = torch.randint(0, C, (m,), generator=generator, device=_gen_device(generator)).to(dev)
     cls = torch.where(is_tail, cand.unsqueeze(0), cls)
-    u, inv = torch.unique(cand, return_inverse=True)
-    hit, col = _topk_hits(teacher.ids, u, workspace, C)     # few: about B·K·m / C
-    rows = torch.div(hit, K, rounding_mode="floor")
-    pair = (col.unsqueeze(1) == inv.unsqueeze(0)).nonzero()  # (hit, column) clashes
-    bad = torch.zeros_like(is_tail)
-    bad[rows.index_select(0, pair[:, 0]), pair[:, 1]] = True
-    bad |= y.unsqueeze(1) == cand.unsqueeze(0)
-    bad &= is_tail
+    if _native_ids_ok(teacher, y):      # the clash test below in one O(B·K + B·m) pass
+        bad = native.tail_clash(teacher.ids, y.long().contiguous(), cand.contiguous(),
+                                is_tail.contiguous(), _lookup_slot(workspace, C))
+    else:
+        u, inv = torch.unique(cand, return_inverse=True)
+        hit, col = _topk_hits(teacher.ids, u, workspace, C)     # few: about B·K·m / C
+        rows = torch.div(hit, K, rounding_mode="floor")
+        pair = (col.unsqueeze(1) == inv.unsqueeze(0)).nonzero()  # (hit, column) clashes
+        bad = torch.zeros_like(is_tail)
+        bad[rows.index_select(0, pair[:, 0]), pair[:, 1]] = True
+        bad |= y.unsqueeze(1) == cand.unsqueeze(0)
+        bad &= is_tail
     if bool(bad.any()):
         rows, slots = bad.nonzero(as_tuple=True)
         new = torch.randint(0, C, (rows.numel(),), generator=generator,

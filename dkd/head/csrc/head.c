@@ -312,3 +312,41 @@ void dkd_topk_lookup(const int64_t *ids, const float *logits, const double *rest
     }
     for (int64_t j = 0; j < u; ++j) slot[draws[j]] = -1;
 }
+
+/* --- 5. per-sample top-K sampler helpers (dkd/sampling/topk_sampler.py) ---
+ *
+ * dkd_target_pos: pos[b] = the column of y[b] in row b of ids (B, K) (ids distinct per
+ * row), K when absent. */
+void dkd_target_pos(const int64_t *ids, int64_t B, int64_t K, const int64_t *y, int64_t *pos)
+{
+    for (int64_t b = 0; b < B; ++b) {
+        pos[b] = K;
+        for (int64_t k = 0; k < K; ++k)
+            if (ids[b * K + k] == y[b]) {
+                pos[b] = k;
+                break;
+            }
+    }
+}
+
+/* dkd_tail_clash: bad[b, j] = is_tail[b, j] && (cand[j] is in row b's top-K or is y[b]),
+ * for the tail fill's shared candidates cand (m,), repeats allowed (chained through next
+ * (m,) scratch). slot: (C,) int64, all -1 on entry and on return. O(B·K + B·m). */
+void dkd_tail_clash(const int64_t *ids, int64_t B, int64_t K, const int64_t *y,
+                    const int64_t *cand, int64_t m, const uint8_t *is_tail, int64_t *slot,
+                    int64_t *next, uint8_t *bad)
+{
+    for (int64_t j = 0; j < m; ++j) {
+        next[j] = slot[cand[j]];
+        slot[cand[j]] = j;
+    }
+    for (int64_t b = 0; b < B; ++b) {
+        const uint8_t *tb = is_tail + b * m;
+        uint8_t *bb = bad + b * m;
+        for (int64_t j = 0; j < m; ++j) bb[j] = tb[j] && cand[j] == y[b];
+        for (int64_t k = 0; k < K; ++k)
+            for (int64_t j = slot[ids[b * K + k]]; j >= 0; j = next[j])
+                if (tb[j]) bb[j] = 1;
+    }
+    for (int64_t j = 0; j < m; ++j) slot[cand[j]] = -1;
+}
