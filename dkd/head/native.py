@@ -85,7 +85,8 @@ def _build() -> ctypes.CDLL:
             ("dkd_rbar_topk", [P, P, I, P, I, I, I, P], None),
             ("dkd_topk_lookup", [P, P, P, P, I, I, P, I, P, P, P], None),
             ("dkd_target_pos", [P, I, I, P, P], None),
-            ("dkd_tail_clash", [P, I, I, P, P, I, P, P, P, P], None)):
+            ("dkd_tail_clash", [P, I, I, P, P, I, P, P, P, P], None),
+            ("dkd_shared_lookup", [P, P, P, P, I, P, D, I, I, P, I, P, P, P], None)):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
     return lib
@@ -288,6 +289,30 @@ def tail_clash(ids, y, cand, is_tail, slot) -> torch.Tensor:
     return bad
 
 
+def shared_lookup(ids, logits, rest, pk, tail, cls, slot, want_logits: bool = True):
+    """At distinct classes cls (n,) int64 of a top-K teacher (ids (B, K) int64, logits (B, K)
+    float32, rest (B,) float64 completion logits): (teacher logits (B, n) float32 or None,
+    r̄(c) = mean_b tail_b + Σ_{b: c in top-K_b} (pk_b(c) − tail_b) / B, clamped to 1e-300,
+    (n,) float64, or None when pk is None); pk (B, K) or (1, K) float64, tail (B,) float64.
+    slot (C,) int64 scratch, all −1 before and after."""
+    B, K = ids.shape
+    n = cls.numel()
+    a = torch.empty((B, n), dtype=torch.float32) if want_logits else None
+    rbar = None
+    tm, ldp = 0.0, 0
+    if pk is not None:
+        pk, tail = pk.contiguous(), tail.contiguous()
+        rbar = torch.empty(n, dtype=torch.float64)
+        tm, ldp = float(tail.mean()), (0 if pk.shape[0] == 1 else K)
+
+    def ptr(t):
+        return None if t is None else t.data_ptr()
+    _lib.dkd_shared_lookup(ids.data_ptr(), logits.data_ptr(), rest.data_ptr(), ptr(pk), ldp,
+                           ptr(tail), tm, B, K, cls.data_ptr(), n, slot.data_ptr(), ptr(a),
+                           ptr(rbar))
+    return a, rbar
+
+
 __all__ = ["available", "status", "supports", "disabled", "row_adam", "gather_dot",
            "gather_axpy_", "sampled_loss", "rbar_topk", "topk_lookup", "target_pos",
-           "tail_clash"]
+           "tail_clash", "shared_lookup"]

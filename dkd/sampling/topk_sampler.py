@@ -344,6 +344,12 @@ def _shared_lookup(teacher, cls, pk, tail, workspace, logits: bool = True):
     cls in the top-K only: r̄(c) = mean_b tail_b + Σ_{b: c in top-K_b} (r_b(c) - tail_b) / B."""
     B, K = teacher.ids.shape
     n = cls.numel()
+    if (_native_ids_ok(teacher, cls) and teacher.logits.dtype == torch.float32
+            and teacher.logits.is_contiguous() and cls.dtype == torch.int64):
+        return native.shared_lookup(teacher.ids, teacher.logits,
+                                    teacher.rest_logit().contiguous(), pk, tail,
+                                    cls.contiguous(), _lookup_slot(workspace, teacher.num_classes),
+                                    want_logits=logits)
     hit, col = _topk_hits(teacher.ids, cls, workspace, teacher.num_classes)
     rows = torch.div(hit, K, rounding_mode="floor")
     a = rbar = None

@@ -350,3 +350,37 @@ void dkd_tail_clash(const int64_t *ids, int64_t B, int64_t K, const int64_t *y,
     }
     for (int64_t j = 0; j < m; ++j) slot[cand[j]] = -1;
 }
+
+/* dkd_shared_lookup: at distinct classes cls (n,), the completed teacher logits a (B, n)
+ * float32 (NULL: not wanted) and r̄(c) = tm + sum_{(b, k): ids[b, k] = c} (pk[b, k] - tail_b) / B
+ * clamped to >= 1e-300, rbar (n,) float64 (NULL: not wanted); pk rows at stride ldp (0:
+ * one row). tm = mean_b tail_b, passed in so it is torch's own mean. slot: (C,) int64, all
+ * -1 on entry and on return. */
+void dkd_shared_lookup(const int64_t *ids, const float *logits, const double *rest,
+                       const double *pk, int64_t ldp, const double *tail, double tm,
+                       int64_t B, int64_t K, const int64_t *cls, int64_t n, int64_t *slot,
+                       float *a, double *rbar)
+{
+    for (int64_t j = 0; j < n; ++j) slot[cls[j]] = j;
+    if (rbar)
+        for (int64_t j = 0; j < n; ++j) rbar[j] = 0.0;
+    for (int64_t b = 0; b < B; ++b) {
+        float *ab = a ? a + b * n : 0;
+        if (ab) {
+            const float r = (float)rest[b];
+            for (int64_t j = 0; j < n; ++j) ab[j] = r;
+        }
+        for (int64_t k = 0; k < K; ++k) {
+            const int64_t s = slot[ids[b * K + k]];
+            if (s < 0) continue;
+            if (ab) ab[s] = logits[b * K + k];
+            if (rbar) rbar[s] += pk[b * ldp + k] - tail[b];
+        }
+    }
+    if (rbar)
+        for (int64_t j = 0; j < n; ++j) {
+            const double v = tm + rbar[j] / (double)B;
+            rbar[j] = v > 1e-300 ? v : 1e-300;
+        }
+    for (int64_t j = 0; j < n; ++j) slot[cls[j]] = -1;
+}
