@@ -151,3 +151,43 @@ def test_topk_sampler_native_helpers_match_torch_path(proposal, C):
         assert s1.mask is None or torch.equal(s1.mask, s2.mask)
         torch.testing.assert_close(s1.log_correction, s2.log_correction)
         torch.testing.assert_close(a1, a2)
+
+
+def test_out_of_range_ids_raise_and_write_nothing():
+    """An id outside the weight / class range is an IndexError, as in torch, and the
+    kernel writes nothing (checked before any update)."""
+    w = torch.randn(6, 4)
+    w0 = w.clone()
+    opt = SparseRowOptimizer(w, "adam", lr=0.1)
+    with pytest.raises(IndexError, match=r"rows: an id is outside \[0, 6\)"):
+        opt.step(torch.tensor([1, 6]), torch.randn(2, 4))
+    assert torch.equal(w, w0) and not opt.state["step"].any()
+    with pytest.raises(IndexError, match="idx"):
+        native.gather_dot(torch.randn(2, 4), w, torch.tensor([[0], [-1]]))
+    slot = torch.full((6,), -1, dtype=torch.long)
+    ids = torch.tensor([[0, 7]])
+    with pytest.raises(IndexError, match="teacher ids"):
+        native.topk_lookup(ids, torch.randn(1, 2), torch.zeros(1, dtype=torch.float64),
+                           torch.tensor([0]), torch.tensor([1]), slot)
+    assert (slot == -1).all()
+
+
+def test_threaded_dense_step_matches_torch_path():
+    """A step large enough to split over threads (>= 2^18 elements) equals the torch path."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(7)
+        w_nat = torch.randn(600, 512, generator=gen)
+        w_ref = w_nat.clone()
+        nat, ref = (SparseRowOptimizer(w, "adamw", lr=1e-2, weight_decay=0.1)
+                    for w in (w_nat, w_ref))
+        for _ in range(2):
+            g = torch.randn(600, 512, generator=gen)
+            nat.step(None, g)
+            with native.disabled():
+                ref.step(None, g)
+        assert nat.last_impl == "native"
+        torch.testing.assert_close(w_nat, w_ref, rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_num_threads(threads)

@@ -77,16 +77,16 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(out))
     P, I, D, N = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     for name, args, res in (
-            ("dkd_row_adam", [P, P, P, P, I, P, I, P, P, I, P, P, P, D, D, D, D, D, N, N, P, P],
-             I),
-            ("dkd_gather_dot", [P, I, P, P, P, I, I, I], None),
-            ("dkd_gather_axpy", [P, P, I, P, P, I, I, I], None),
+            ("dkd_row_adam", [P, P, P, P, I, I, P, I, P, P, I, P, P, P, I, D, D, D, D, D, N, N,
+                              P, P], I),
+            ("dkd_gather_dot", [P, I, P, P, I, P, I, I, I], N),
+            ("dkd_gather_axpy", [P, P, I, P, I, P, I, I, I], N),
             ("dkd_sampled_loss", [P, P, P, I, P, I, P, I, I, I, D, D, P, P], None),
-            ("dkd_rbar_topk", [P, P, I, P, I, I, I, P], None),
-            ("dkd_topk_lookup", [P, P, P, P, I, I, P, I, P, P, P], None),
+            ("dkd_rbar_topk", [P, P, I, P, I, I, I, P], N),
+            ("dkd_topk_lookup", [P, P, P, P, I, I, P, I, P, I, P, P], N),
             ("dkd_target_pos", [P, I, I, P, P], None),
-            ("dkd_tail_clash", [P, I, I, P, P, I, P, P, P, P], None),
-            ("dkd_shared_lookup", [P, P, P, P, I, P, D, I, I, P, I, P, P, P], None)):
+            ("dkd_tail_clash", [P, I, I, P, P, I, P, P, I, P, P], N),
+            ("dkd_shared_lookup", [P, P, P, P, I, P, D, I, I, P, I, P, I, P, P], N)):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
     return lib
@@ -166,12 +166,20 @@ def row_adam(weight, exp_avg, exp_avg_sq, step, rows, grad, lr: float, betas, ep
     def ptr(t):
         return None if t is None else t.data_ptr()
     u = _lib.dkd_row_adam(
-        weight.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), step.data_ptr(), d,
-        ptr(rows), n_d, grad.data_ptr(), ptr(rows_f), n_f, ptr(coef), ptr(src), ptr(x),
-        float(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay),
-        int(decoupled), threads, ptr(slot), ptr(scratch) if slot is not None else None)
+        weight.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), step.data_ptr(),
+        weight.shape[0], d, ptr(rows), n_d, grad.data_ptr(), ptr(rows_f), n_f, ptr(coef),
+        ptr(src), ptr(x), 0 if x is None else x.shape[0], float(lr), float(betas[0]),
+        float(betas[1]), float(eps), float(weight_decay), int(decoupled), threads, ptr(slot),
+        ptr(scratch) if slot is not None else None)
+    _ok(u, "rows", weight.shape[0])
     _written(weight, exp_avg, exp_avg_sq, step)
     return u
+
+
+def _ok(code: int, what: str, hi: int) -> None:
+    """Raise for a kernel's -1: an id out of range (the kernel wrote nothing)."""
+    if code < 0:
+        raise IndexError(f"{what}: an id is outside [0, {hi})")
 
 
 def _written(*tensors: torch.Tensor) -> None:
@@ -194,7 +202,8 @@ def gather_dot(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Ten
     x (B, d), w (C, d) float32, idx (B, k) int64, all contiguous (:func:`supports`)."""
     B, k, d = _rows_of(w, idx, x)
     out = x.new_empty((B, k))
-    _lib.dkd_gather_dot(out.data_ptr(), k, x.data_ptr(), w.data_ptr(), idx.data_ptr(), B, k, d)
+    _ok(_lib.dkd_gather_dot(out.data_ptr(), k, x.data_ptr(), w.data_ptr(), w.shape[0],
+                            idx.data_ptr(), B, k, d), "idx", w.shape[0])
     return out
 
 
@@ -206,8 +215,8 @@ def gather_axpy_(out: torch.Tensor, coef: torch.Tensor, w: torch.Tensor,
     if coef.shape != (B, k) or (k > 1 and coef.stride(1) != 1):
         raise ValueError(f"coef must be (B, k) = {(B, k)} with unit column stride, got "
                          f"{tuple(coef.shape)}, strides {coef.stride()}")
-    _lib.dkd_gather_axpy(out.data_ptr(), coef.data_ptr(), coef.stride(0), w.data_ptr(),
-                         idx.data_ptr(), B, k, d)
+    _ok(_lib.dkd_gather_axpy(out.data_ptr(), coef.data_ptr(), coef.stride(0), w.data_ptr(),
+                             w.shape[0], idx.data_ptr(), B, k, d), "idx", w.shape[0])
     _written(out)
     return out
 
@@ -249,8 +258,9 @@ def rbar_topk(ids: torch.Tensor, pk: torch.Tensor, tail: torch.Tensor,
     B, K = ids.shape
     pk = pk.contiguous()
     out = torch.empty(num_classes, dtype=torch.float64)
-    _lib.dkd_rbar_topk(ids.data_ptr(), pk.data_ptr(), 0 if pk.shape[0] == 1 else K,
-                       tail.contiguous().data_ptr(), B, K, num_classes, out.data_ptr())
+    _ok(_lib.dkd_rbar_topk(ids.data_ptr(), pk.data_ptr(), 0 if pk.shape[0] == 1 else K,
+                           tail.contiguous().data_ptr(), B, K, num_classes, out.data_ptr()),
+        "teacher ids", num_classes)
     return out
 
 
@@ -263,9 +273,10 @@ def topk_lookup(ids, logits, rest, y, draws, slot) -> tuple[torch.Tensor, torch.
     u = draws.numel()
     out = torch.empty((B, 1 + u), dtype=torch.float32)
     in_d = torch.empty((B, u), dtype=torch.bool)
-    _lib.dkd_topk_lookup(ids.data_ptr(), logits.data_ptr(), rest.data_ptr(), y.data_ptr(), B,
-                         K, draws.data_ptr(), u, slot.data_ptr(), out.data_ptr(),
-                         in_d.data_ptr())
+    _ok(_lib.dkd_topk_lookup(ids.data_ptr(), logits.data_ptr(), rest.data_ptr(), y.data_ptr(),
+                             B, K, draws.data_ptr(), u, slot.data_ptr(), slot.numel(),
+                             out.data_ptr(), in_d.data_ptr()), "teacher ids or draws",
+        slot.numel())
     return out, in_d
 
 
@@ -284,8 +295,9 @@ def tail_clash(ids, y, cand, is_tail, slot) -> torch.Tensor:
     m = cand.numel()
     bad = torch.empty((B, m), dtype=torch.bool)
     nxt = torch.empty(m, dtype=torch.int64)
-    _lib.dkd_tail_clash(ids.data_ptr(), B, K, y.data_ptr(), cand.data_ptr(), m,
-                        is_tail.data_ptr(), slot.data_ptr(), nxt.data_ptr(), bad.data_ptr())
+    _ok(_lib.dkd_tail_clash(ids.data_ptr(), B, K, y.data_ptr(), cand.data_ptr(), m,
+                            is_tail.data_ptr(), slot.data_ptr(), slot.numel(), nxt.data_ptr(),
+                            bad.data_ptr()), "teacher ids or candidates", slot.numel())
     return bad
 
 
@@ -307,9 +319,10 @@ def shared_lookup(ids, logits, rest, pk, tail, cls, slot, want_logits: bool = Tr
 
     def ptr(t):
         return None if t is None else t.data_ptr()
-    _lib.dkd_shared_lookup(ids.data_ptr(), logits.data_ptr(), rest.data_ptr(), ptr(pk), ldp,
-                           ptr(tail), tm, B, K, cls.data_ptr(), n, slot.data_ptr(), ptr(a),
-                           ptr(rbar))
+    _ok(_lib.dkd_shared_lookup(ids.data_ptr(), logits.data_ptr(), rest.data_ptr(), ptr(pk),
+                               ldp, ptr(tail), tm, B, K, cls.data_ptr(), n, slot.data_ptr(),
+                               slot.numel(), ptr(a), ptr(rbar)), "teacher ids or classes",
+        slot.numel())
     return a, rbar
 
 

@@ -26,6 +26,16 @@
 #include <pthread.h>
 #include <stdint.h>
 
+/* Every kernel that indexes by an id checks all ids first and returns -1, writing
+ * nothing, when one is outside [0, hi): the caller raises (an out-of-range id must be an
+ * error, as in torch's index_select, not a write past the end of a buffer). */
+static int ids_ok(const int64_t *v, int64_t n, int64_t hi)
+{
+    for (int64_t i = 0; i < n; ++i)
+        if (v[i] < 0 || v[i] >= hi) return 0;
+    return 1;
+}
+
 typedef struct {
     float *w, *m, *v, *step;
     int64_t d;
@@ -138,14 +148,18 @@ static int64_t group_rows(const job_t *j, int64_t n, int64_t *slot, int64_t *scr
 
 /* Lazy Adam / AdamW over the rows of n_d dense gradient rows (rows_d, g) and n_f factored
  * ones (rows_f, coef, src, x); see job_t. slot == NULL: the dense rows are unique and there
- * are no factored ones (no grouping). Returns the number of distinct rows updated. */
-int64_t dkd_row_adam(float *w, float *m, float *v, float *step, int64_t d,
+ * are no factored ones (no grouping). Returns the number of distinct rows updated (-1: an
+ * id out of range, nothing written). */
+int64_t dkd_row_adam(float *w, float *m, float *v, float *step, int64_t C, int64_t d,
                      const int64_t *rows_d, int64_t n_d, const float *g,
                      const int64_t *rows_f, int64_t n_f, const float *coef,
-                     const int64_t *src, const float *x,
+                     const int64_t *src, const float *x, int64_t nx,
                      double lr, double b1, double b2, double eps, double wd, int decoupled,
                      int nthreads, int64_t *slot, int64_t *scratch)
 {
+    if ((rows_d && !ids_ok(rows_d, n_d, C)) || (!rows_d && n_d > C) ||
+        (n_f && (!ids_ok(rows_f, n_f, C) || !ids_ok(src, n_f, nx))))
+        return -1;
     adam_t o = {w, m, v, step, d, lr, b1, b2, eps, wd, decoupled};
     job_t base = {&o, rows_f, src, rows_d, coef, x, g, n_f, 0, 0, 0, 0, 0};
     int64_t u = n_d;
@@ -175,9 +189,10 @@ int64_t dkd_row_adam(float *w, float *m, float *v, float *step, int64_t d,
 
 /* out[b * ld + j] = x_b . w[idx[b, j]]. Sixteen partial sums: vectorisable without
  * reassociation flags (the order differs from torch's, within float rounding). */
-void dkd_gather_dot(float *out, int64_t ld, const float *x, const float *w, const int64_t *idx,
-                    int64_t B, int64_t k, int64_t d)
+int dkd_gather_dot(float *out, int64_t ld, const float *x, const float *w, int64_t C,
+                   const int64_t *idx, int64_t B, int64_t k, int64_t d)
 {
+    if (!ids_ok(idx, B * k, C)) return -1;
     for (int64_t b = 0; b < B; ++b) {
         const float *restrict xb = x + b * d;
         for (int64_t j = 0; j < k; ++j) {
@@ -192,12 +207,14 @@ void dkd_gather_dot(float *out, int64_t ld, const float *x, const float *w, cons
             out[b * ld + j] = s;
         }
     }
+    return 0;
 }
 
 /* out[b] += sum_j coef[b * ldc + j] * w[idx[b, j]]   (out: (B, d), the features' gradient) */
-void dkd_gather_axpy(float *out, const float *coef, int64_t ldc, const float *w,
-                     const int64_t *idx, int64_t B, int64_t k, int64_t d)
+int dkd_gather_axpy(float *out, const float *coef, int64_t ldc, const float *w, int64_t C,
+                    const int64_t *idx, int64_t B, int64_t k, int64_t d)
 {
+    if (!ids_ok(idx, B * k, C)) return -1;
     for (int64_t b = 0; b < B; ++b) {
         float *restrict ob = out + b * d;
         for (int64_t j = 0; j < k; ++j) {
@@ -206,6 +223,7 @@ void dkd_gather_axpy(float *out, const float *coef, int64_t ldc, const float *w,
             for (int64_t t = 0; t < d; ++t) ob[t] += c * wr[t];
         }
     }
+    return 0;
 }
 
 /* --- 3. the sampled mixed KD + CE loss on one process (dkd/losses/sampled.py) ---
@@ -272,9 +290,10 @@ void dkd_sampled_loss(const float *z, const float *a, const float *o, int64_t ld
  * dkd_rbar_topk: r̄ over all C classes from a top-K teacher, out (C,) float64:
  *   r̄(c) = mean_b tail_b + sum_{(b, k): ids[b, k] = c} (1 / B) (pk[b, k] - tail_b),
  * pk rows at stride ldp (0: one row for every sample). */
-void dkd_rbar_topk(const int64_t *ids, const double *pk, int64_t ldp, const double *tail,
-                   int64_t B, int64_t K, int64_t C, double *out)
+int dkd_rbar_topk(const int64_t *ids, const double *pk, int64_t ldp, const double *tail,
+                  int64_t B, int64_t K, int64_t C, double *out)
 {
+    if (!ids_ok(ids, B * K, C)) return -1;
     double tm = 0.0;
     for (int64_t b = 0; b < B; ++b) tm += tail[b];
     tm /= (double)B;
@@ -283,16 +302,18 @@ void dkd_rbar_topk(const int64_t *ids, const double *pk, int64_t ldp, const doub
     for (int64_t b = 0; b < B; ++b)
         for (int64_t k = 0; k < K; ++k)
             out[ids[b * K + k]] += inv_b * (pk[b * ldp + k] - tail[b]);
+    return 0;
 }
 
 /* dkd_topk_lookup: completed teacher logits at [y_b, draws] for every row, out (B, 1 + u)
  * float32 (a top-K logit where the class is in the row's top-K, else the row's completion
  * logit rest_b), and in_d (B, u): draw j is the row's target. slot: (C,) int64, all -1 on
- * entry and on return. */
-void dkd_topk_lookup(const int64_t *ids, const float *logits, const double *rest,
-                     const int64_t *y, int64_t B, int64_t K, const int64_t *draws, int64_t u,
-                     int64_t *slot, float *out, uint8_t *in_d)
+ * entry and on return. (Functions returning int: 0, or -1 for an id out of range.) */
+int dkd_topk_lookup(const int64_t *ids, const float *logits, const double *rest,
+                    const int64_t *y, int64_t B, int64_t K, const int64_t *draws, int64_t u,
+                    int64_t *slot, int64_t C, float *out, uint8_t *in_d)
 {
+    if (!ids_ok(ids, B * K, C) || !ids_ok(draws, u, C)) return -1;
     for (int64_t j = 0; j < u; ++j) slot[draws[j]] = j;
     for (int64_t b = 0; b < B; ++b) {
         const float r = (float)rest[b];
@@ -311,6 +332,7 @@ void dkd_topk_lookup(const int64_t *ids, const float *logits, const double *rest
         ob[0] = ya;
     }
     for (int64_t j = 0; j < u; ++j) slot[draws[j]] = -1;
+    return 0;
 }
 
 /* --- 5. per-sample top-K sampler helpers (dkd/sampling/topk_sampler.py) ---
@@ -332,10 +354,11 @@ void dkd_target_pos(const int64_t *ids, int64_t B, int64_t K, const int64_t *y, 
 /* dkd_tail_clash: bad[b, j] = is_tail[b, j] && (cand[j] is in row b's top-K or is y[b]),
  * for the tail fill's shared candidates cand (m,), repeats allowed (chained through next
  * (m,) scratch). slot: (C,) int64, all -1 on entry and on return. O(B·K + B·m). */
-void dkd_tail_clash(const int64_t *ids, int64_t B, int64_t K, const int64_t *y,
-                    const int64_t *cand, int64_t m, const uint8_t *is_tail, int64_t *slot,
-                    int64_t *next, uint8_t *bad)
+int dkd_tail_clash(const int64_t *ids, int64_t B, int64_t K, const int64_t *y,
+                   const int64_t *cand, int64_t m, const uint8_t *is_tail, int64_t *slot,
+                   int64_t C, int64_t *next, uint8_t *bad)
 {
+    if (!ids_ok(ids, B * K, C) || !ids_ok(cand, m, C)) return -1;
     for (int64_t j = 0; j < m; ++j) {
         next[j] = slot[cand[j]];
         slot[cand[j]] = j;
@@ -349,6 +372,7 @@ void dkd_tail_clash(const int64_t *ids, int64_t B, int64_t K, const int64_t *y,
                 if (tb[j]) bb[j] = 1;
     }
     for (int64_t j = 0; j < m; ++j) slot[cand[j]] = -1;
+    return 0;
 }
 
 /* dkd_shared_lookup: at distinct classes cls (n,), the completed teacher logits a (B, n)
@@ -356,11 +380,12 @@ void dkd_tail_clash(const int64_t *ids, int64_t B, int64_t K, const int64_t *y,
  * clamped to >= 1e-300, rbar (n,) float64 (NULL: not wanted); pk rows at stride ldp (0:
  * one row). tm = mean_b tail_b, passed in so it is torch's own mean. slot: (C,) int64, all
  * -1 on entry and on return. */
-void dkd_shared_lookup(const int64_t *ids, const float *logits, const double *rest,
-                       const double *pk, int64_t ldp, const double *tail, double tm,
-                       int64_t B, int64_t K, const int64_t *cls, int64_t n, int64_t *slot,
-                       float *a, double *rbar)
+int dkd_shared_lookup(const int64_t *ids, const float *logits, const double *rest,
+                      const double *pk, int64_t ldp, const double *tail, double tm,
+                      int64_t B, int64_t K, const int64_t *cls, int64_t n, int64_t *slot,
+                      int64_t C, float *a, double *rbar)
 {
+    if (!ids_ok(ids, B * K, C) || !ids_ok(cls, n, C)) return -1;
     for (int64_t j = 0; j < n; ++j) slot[cls[j]] = j;
     if (rbar)
         for (int64_t j = 0; j < n; ++j) rbar[j] = 0.0;
@@ -383,4 +408,5 @@ void dkd_shared_lookup(const int64_t *ids, const float *logits, const double *re
             rbar[j] = v > 1e-300 ? v : 1e-300;
         }
     for (int64_t j = 0; j < n; ++j) slot[cls[j]] = -1;
+    return 0;
 }
