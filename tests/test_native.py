@@ -168,8 +168,10 @@ def test_out_of_range_ids_raise_and_write_nothing():
     ids = torch.tensor([[0, 7]])
     with pytest.raises(IndexError, match="teacher ids"):
         native.topk_lookup(ids, torch.randn(1, 2), torch.zeros(1, dtype=torch.float64),
-                           torch.tensor([0]), torch.tensor([1]), slot)
+                           torch.tensor([0]), torch.tensor([1]), slot, 6)
     assert (slot == -1).all()
+    with pytest.raises(ValueError, match="y must have shape"):
+        native.target_pos(ids, torch.tensor([0, 1]))
 
 
 def test_threaded_dense_step_matches_torch_path():
@@ -191,3 +193,16 @@ def test_threaded_dense_step_matches_torch_path():
         torch.testing.assert_close(w_nat, w_ref, rtol=1e-5, atol=1e-6)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_sampled_loss_broadcast_teacher_row_and_shape_errors():
+    """A teacher row broadcast over the batch is read as (B, n), never past its end; an
+    argument that does not broadcast to the logits' shape is an error."""
+    z = torch.randn(4, 5)
+    a_row = torch.randn(5)
+    o = torch.zeros(5)
+    g1, kd1, _ = native.sampled_loss(z, a_row, o, None, None, 4.0, 1.0)
+    g2, kd2, _ = native.sampled_loss(z, a_row.expand(4, 5).clone(), o, None, None, 4.0, 1.0)
+    assert torch.equal(g1, g2) and kd1 == kd2
+    with pytest.raises(RuntimeError):
+        native.sampled_loss(z, torch.randn(3), o, None, None, 4.0, 1.0)

@@ -67,30 +67,39 @@ class RowGrad:
         # hybrid: (rows_d (u,), grad_d (u, d), (rows_f, coef, src, x)) with rows =
         # [rows_f, rows_d]: the per-sample rows' gradients coef[i]·x[src[i]] kept factored
         self._split = None
+        self._x_version: int | None = None
 
     @property
     def grad(self) -> torch.Tensor | None:
         if self.leaf is not None:
             return self.leaf.grad if self.leaf.requires_grad else None
         if self._split is not None:
+            self._check_source()
             _, g_d, (_, coef, src, x) = self._split
             return torch.cat([x.index_select(0, src).mul_(coef.unsqueeze(1)), g_d])
         return self._grad
 
     def set_split(self, rows_d, grad_d, factored) -> None:
         """Record a backward's gradient as dense rows plus factored ones (see ``_split``);
-        a second backward on the same handle materialises the sum."""
-        if self._split is None and self._grad is None:
-            self._split = (rows_d, grad_d, factored)
-            return
-        old = self.grad
-        self._split = (rows_d, grad_d, factored)
-        self._grad, self._split = old + self.grad, None
+        a second backward on the same handle materialises the sum. The factored rows are
+        read later, at the update: their source x must not change in place before then
+        (checked by its version counter)."""
+        old = None if self._split is None and self._grad is None else self.grad
+        self._split, self._x_version = (rows_d, grad_d, factored), factored[3]._version
+        if old is not None:
+            self._grad, self._split = old + self.grad, None
 
     def split(self):
         """(rows_d, grad_d, factored) for the optimizer to sum itself, or None (no split
         gradient, or restricted: then use :meth:`collect`)."""
+        if self._split is not None:
+            self._check_source()
         return self._split if self._touched is None else None
+
+    def _check_source(self) -> None:
+        if self._split[2][3]._version != self._x_version:
+            raise RuntimeError("the features of a hybrid logits call were modified in place "
+                               "between its backward and the head update")
 
     def restrict(self, touched: torch.Tensor) -> None:
         """Hand the optimizer only ``touched`` (local ids) of this call's rows.
@@ -318,7 +327,7 @@ class _HybridLogits(torch.autograd.Function):
             dots = native.gather_dot(features, weight, row_cols)
             ctx.save_for_backward(features, weight, row_cols, w_s)
         else:
-            w_row = weight.index_select(0, row_cols.reshape(-1)).view(B, nd, -1)
+            w_row = weight.index_select(0, row_cols.reshape(-1)).view(B, nd, weight.shape[1])
             ctx.save_for_backward(features, w_row, None, w_s)
             # nd = 1: a plain product-sum (a reduction over a size-1 dim is ~4x slower)
             dots = (torch.linalg.vecdot(w_row[:, 0], features).unsqueeze(1) if nd == 1
@@ -342,7 +351,7 @@ class _HybridLogits(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             h = ctx.handle
             src = torch.arange(B, device=grad.device)
-            if nd > 1:
+            if nd != 1:
                 src = src.repeat_interleave(nd)
             # per-sample rows stay factored, g_r[b, j]·φ_b: the optimizer sums them into
             # their rows without a (B·nd, d) tensor ever being written

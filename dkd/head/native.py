@@ -9,7 +9,7 @@ passes (gather the moments, lerp, addcmul, sqrt, div, write them back), each pay
 dispatch and a trip through memory; one C loop reads and writes every element once
 (measured at C = 751, B = 256, d = 512, k = 20: 0.56 ms -> 0.07 ms, see the README).
 
-How: ``csrc/row_optim.c`` is compiled with the system C compiler (``$CC``, else ``cc``)
+How: ``csrc/head.c`` is compiled with the system C compiler (``$CC``, else ``cc``)
 into ``$DKD_CACHE_DIR`` (default ``~/.cache/dkd``) under a name keyed by the source, the
 compiler and this CPU, written atomically (a temporary file, then a rename), so several
 ranks may build it at once. It is plain C with no torch headers (a second to build) and
@@ -53,7 +53,8 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("no C compiler (set CC, or install cc/gcc)")
     src = _SRC.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(src + version.encode() + _cpu_key().encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + version.encode() + _cpu_key().encode()
+                         + " ".join(_FLAGS).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("DKD_CACHE_DIR", Path.home() / ".cache" / "dkd"))
     out = cache / f"head_{key}.so"
     if not out.exists():
@@ -82,7 +83,7 @@ def _build() -> ctypes.CDLL:
             ("dkd_gather_dot", [P, I, P, P, I, P, I, I, I], N),
             ("dkd_gather_axpy", [P, P, I, P, I, P, I, I, I], N),
             ("dkd_sampled_loss", [P, P, P, I, P, I, P, I, I, I, D, D, P, P], None),
-            ("dkd_rbar_topk", [P, P, I, P, I, I, I, P], N),
+            ("dkd_rbar_topk", [P, P, I, P, D, I, I, I, P], N),
             ("dkd_topk_lookup", [P, P, P, P, I, I, P, I, P, I, P, P], N),
             ("dkd_target_pos", [P, I, I, P, P], None),
             ("dkd_tail_clash", [P, I, I, P, P, I, P, P, I, P, P], N),
@@ -177,7 +178,9 @@ def row_adam(weight, exp_avg, exp_avg_sq, step, rows, grad, lr: float, betas, ep
 
 
 def _ok(code: int, what: str, hi: int) -> None:
-    """Raise for a kernel's -1: an id out of range (the kernel wrote nothing)."""
+    """Raise for a kernel's -1 (an id out of range) or -2 (no memory); it wrote nothing."""
+    if code == -2:
+        raise MemoryError("native row update: no memory for its row buffers")
     if code < 0:
         raise IndexError(f"{what}: an id is outside [0, {hi})")
 
@@ -238,7 +241,7 @@ def sampled_loss(z: torch.Tensor, a: torch.Tensor, o: torch.Tensor, keep, tgt, T
     gradient in one pass (see csrc/head.c); o / keep / tgt broadcast to z's shape, keep /
     tgt may be None. z must be contiguous float32 (:func:`supports`)."""
     B, n = z.shape
-    a = a.to(torch.float32).contiguous()
+    a = a.to(torch.float32).expand(B, n).contiguous()    # expand raises unless it broadcasts
     o, ldo = _row_view(o, (B, n), torch.float32)
     keep, ldk = _row_view(keep, (B, n), torch.bool)
     tgt, ldt = _row_view(tgt, (B, n), torch.bool)
@@ -251,6 +254,11 @@ def sampled_loss(z: torch.Tensor, a: torch.Tensor, o: torch.Tensor, keep, tgt, T
     return grad, out[0], out[1]
 
 
+def _check_slot(slot: torch.Tensor, num_classes: int) -> None:
+    if slot.numel() < num_classes:
+        raise ValueError(f"slot must hold >= {num_classes} entries, got {slot.numel()}")
+
+
 def rbar_topk(ids: torch.Tensor, pk: torch.Tensor, tail: torch.Tensor,
               num_classes: int) -> torch.Tensor:
     """(C,) float64 r̄(c) = mean_b tail_b + Σ_{b: c in top-K_b} (pk_b(c) − tail_b) / B from
@@ -258,50 +266,65 @@ def rbar_topk(ids: torch.Tensor, pk: torch.Tensor, tail: torch.Tensor,
     B, K = ids.shape
     pk = pk.contiguous()
     out = torch.empty(num_classes, dtype=torch.float64)
+    tail = tail.contiguous()
     _ok(_lib.dkd_rbar_topk(ids.data_ptr(), pk.data_ptr(), 0 if pk.shape[0] == 1 else K,
-                           tail.contiguous().data_ptr(), B, K, num_classes, out.data_ptr()),
-        "teacher ids", num_classes)
+                           tail.data_ptr(), float(tail.mean()), B, K, num_classes,
+                           out.data_ptr()), "teacher ids", num_classes)
     return out
 
 
-def topk_lookup(ids, logits, rest, y, draws, slot) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_lookup(ids, logits, rest, y, draws, slot,
+                num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(teacher logits at [y_b, draws] (B, 1 + u) float32, in_d (B, u) bool: draw j is
     row b's target) from a top-K teacher: ids (B, K) int64, logits (B, K) float32, rest (B,)
     float64 completion logits, y (B,) int64, draws (u,) int64 distinct; slot (C,) int64
-    scratch that is all −1 before and after the call."""
+    scratch that is all −1 before and after the call; ids and draws must be < num_classes."""
     B, K = ids.shape
+    _check_y(y, B)
+    _check_slot(slot, num_classes)
     u = draws.numel()
     out = torch.empty((B, 1 + u), dtype=torch.float32)
     in_d = torch.empty((B, u), dtype=torch.bool)
     _ok(_lib.dkd_topk_lookup(ids.data_ptr(), logits.data_ptr(), rest.data_ptr(), y.data_ptr(),
-                             B, K, draws.data_ptr(), u, slot.data_ptr(), slot.numel(),
+                             B, K, draws.data_ptr(), u, slot.data_ptr(), num_classes,
                              out.data_ptr(), in_d.data_ptr()), "teacher ids or draws",
-        slot.numel())
+        num_classes)
     return out, in_d
+
+
+def _check_y(y: torch.Tensor, B: int) -> None:
+    if y.shape != (B,):
+        raise ValueError(f"y must have shape ({B},), got {tuple(y.shape)}")
 
 
 def target_pos(ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(B,) int64 column of y_b in row b of ids (B, K) int64 (distinct per row), K if absent."""
     B, K = ids.shape
+    _check_y(y, B)
     pos = torch.empty(B, dtype=torch.int64)
     _lib.dkd_target_pos(ids.data_ptr(), B, K, y.data_ptr(), pos.data_ptr())
     return pos
 
 
-def tail_clash(ids, y, cand, is_tail, slot) -> torch.Tensor:
+def tail_clash(ids, y, cand, is_tail, slot, num_classes: int) -> torch.Tensor:
     """(B, m) bool: is_tail[b, j] and cand[j] is in row b's top-K (ids (B, K)) or is y_b;
     all int64 / bool, contiguous; slot (C,) int64 all −1 before and after."""
     B, K = ids.shape
     m = cand.numel()
+    _check_y(y, B)
+    _check_slot(slot, num_classes)
+    if is_tail.shape != (B, m):
+        raise ValueError(f"is_tail must have shape ({B}, {m}), got {tuple(is_tail.shape)}")
     bad = torch.empty((B, m), dtype=torch.bool)
     nxt = torch.empty(m, dtype=torch.int64)
     _ok(_lib.dkd_tail_clash(ids.data_ptr(), B, K, y.data_ptr(), cand.data_ptr(), m,
-                            is_tail.data_ptr(), slot.data_ptr(), slot.numel(), nxt.data_ptr(),
-                            bad.data_ptr()), "teacher ids or candidates", slot.numel())
+                            is_tail.data_ptr(), slot.data_ptr(), num_classes, nxt.data_ptr(),
+                            bad.data_ptr()), "teacher ids or candidates", num_classes)
     return bad
 
 
-def shared_lookup(ids, logits, rest, pk, tail, cls, slot, want_logits: bool = True):
+def shared_lookup(ids, logits, rest, pk, tail, cls, slot, num_classes: int,
+                  want_logits: bool = True):
     """At distinct classes cls (n,) int64 of a top-K teacher (ids (B, K) int64, logits (B, K)
     float32, rest (B,) float64 completion logits): (teacher logits (B, n) float32 or None,
     r̄(c) = mean_b tail_b + Σ_{b: c in top-K_b} (pk_b(c) − tail_b) / B, clamped to 1e-300,
@@ -309,6 +332,7 @@ def shared_lookup(ids, logits, rest, pk, tail, cls, slot, want_logits: bool = Tr
     slot (C,) int64 scratch, all −1 before and after."""
     B, K = ids.shape
     n = cls.numel()
+    _check_slot(slot, num_classes)
     a = torch.empty((B, n), dtype=torch.float32) if want_logits else None
     rbar = None
     tm, ldp = 0.0, 0
@@ -321,8 +345,8 @@ def shared_lookup(ids, logits, rest, pk, tail, cls, slot, want_logits: bool = Tr
         return None if t is None else t.data_ptr()
     _ok(_lib.dkd_shared_lookup(ids.data_ptr(), logits.data_ptr(), rest.data_ptr(), ptr(pk),
                                ldp, ptr(tail), tm, B, K, cls.data_ptr(), n, slot.data_ptr(),
-                               slot.numel(), ptr(a), ptr(rbar)), "teacher ids or classes",
-        slot.numel())
+                               num_classes, ptr(a), ptr(rbar)), "teacher ids or classes",
+        num_classes)
     return a, rbar
 
 

@@ -148,8 +148,10 @@ def sampled_kd_loss(student_cols: torch.Tensor, teacher_cols: torch.Tensor,
     if lam < 1.0 and target_cols is None:
         raise ValueError("target_cols is required for the hard-label term when lam < 1")
     z = student_cols
+    others = [t for t in (teacher_cols, log_correction, mask, target_cols) if t is not None]
     if (group_size(group) <= 1 and z.dim() == 2 and native.supports(z)
-            and z.dtype == torch.float32 and native.available()):
+            and z.dtype == torch.float32 and all(t.device.type == "cpu" for t in others)
+            and native.available()):
         loss, kd, ce = _NativeSampledMixedLoss.apply(
             z, teacher_cols.detach(), log_correction.detach(), mask, target_cols, float(T),
             float(lam))

@@ -346,9 +346,10 @@ def _shared_lookup(teacher, cls, pk, tail, workspace, logits: bool = True):
     n = cls.numel()
     if (_native_ids_ok(teacher, cls) and teacher.logits.dtype == torch.float32
             and teacher.logits.is_contiguous() and cls.dtype == torch.int64):
+        C = teacher.num_classes
         return native.shared_lookup(teacher.ids, teacher.logits,
                                     teacher.rest_logit().contiguous(), pk, tail,
-                                    cls.contiguous(), _lookup_slot(workspace, teacher.num_classes),
+                                    cls.contiguous(), _lookup_slot(workspace, C), C,
                                     want_logits=logits)
     hit, col = _topk_hits(teacher.ids, cls, workspace, teacher.num_classes)
     rows = torch.div(hit, K, rounding_mode="floor")
@@ -724,7 +725,7 @@ def _hybrid_native(teacher, y, pk, tail, m, correction, generator, workspace):
         o = o + math.log(m)
     y = y.long().contiguous()
     a, in_d = native.topk_lookup(teacher.ids, teacher.logits, teacher.rest_logit().contiguous(),
-                                 y, draws, _lookup_slot(workspace, C))
+                                 y, draws, _lookup_slot(workspace, C), C)
     return hybrid_set(y.unsqueeze(1), draws, o.float(), in_d), a
 
 
@@ -844,7 +845,7 @@ def _tail_fill(teacher, y, is_tail, cls, generator, workspace):
     cls = torch.where(is_tail, cand.unsqueeze(0), cls)
     if _native_ids_ok(teacher, y):      # the clash test below in one O(B·K + B·m) pass
         bad = native.tail_clash(teacher.ids, y.long().contiguous(), cand.contiguous(),
-                                is_tail.contiguous(), _lookup_slot(workspace, C))
+                                is_tail.contiguous(), _lookup_slot(workspace, C), C)
     else:
         u, inv = torch.unique(cand, return_inverse=True)
         hit, col = _topk_hits(teacher.ids, u, workspace, C)     # few: about B·K·m / C

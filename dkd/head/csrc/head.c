@@ -13,8 +13,10 @@
  *   t = ++step[r];  a = bc1 / sqrt(bc2),  e = bc1 * eps  (bc = 1 - beta^t, in double)
  *   g' = g + wd * p            (Adam, L2)      or   p *= 1 - lr * wd   (AdamW)
  *   m = lerp(m, g', 1 - b1);  v = b2 * v + (1 - b2) * g'^2;  p += -lr * (m / (sqrt(v) * a + e))
- * which is SparseRowOptimizer's torch path operation for operation (same rounding order,
- * no FMA contraction). Rows may repeat when a slot map is given: a row's gradients are
+ * the same operations as SparseRowOptimizer's torch path (no FMA contraction here; torch's
+ * vectorised kernels may contract, so results agree to float rounding, not bit for bit).
+ * Rows must be unique unless a slot map is given (repeated rows on the ungrouped path
+ * would be updated by two threads at once). Rows may repeat when a slot map is given: a row's gradients are
  * summed in order of occurrence (as the torch path's index_add does) into a row buffer,
  * and some may be given factored, coef * x[src] (the hybrid kernel's per-sample rows:
  * never materialised as a (B, d) tensor). No gather, no scatter: every element of w, m,
@@ -25,6 +27,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 /* Every kernel that indexes by an id checks all ids first and returns -1, writing
  * nothing, when one is outside [0, hi): the caller raises (an out-of-range id must be an
@@ -81,6 +84,7 @@ typedef struct {
     int64_t n_f;
     const int64_t *urow, *start, *list;
     int64_t lo, hi;
+    float *buf;                            /* grouped: this job's (d,) gradient row */
 } job_t;
 
 static void run_job(const job_t *j)
@@ -91,7 +95,7 @@ static void run_job(const job_t *j)
             adam_row(j->o, j->rows_d ? j->rows_d[q] : q, j->g + q * d);
         return;
     }
-    float buf[d];
+    float *restrict buf = j->buf;
     for (int64_t k = j->lo; k < j->hi; ++k) {
         for (int64_t t = 0; t < d; ++t) buf[t] = 0.0f;
         for (int64_t q = j->start[k]; q < j->start[k + 1]; ++q) {
@@ -149,7 +153,7 @@ static int64_t group_rows(const job_t *j, int64_t n, int64_t *slot, int64_t *scr
 /* Lazy Adam / AdamW over the rows of n_d dense gradient rows (rows_d, g) and n_f factored
  * ones (rows_f, coef, src, x); see job_t. slot == NULL: the dense rows are unique and there
  * are no factored ones (no grouping). Returns the number of distinct rows updated (-1: an
- * id out of range, nothing written). */
+ * id out of range, -2: out of memory; nothing written then). */
 int64_t dkd_row_adam(float *w, float *m, float *v, float *step, int64_t C, int64_t d,
                      const int64_t *rows_d, int64_t n_d, const float *g,
                      const int64_t *rows_f, int64_t n_f, const float *coef,
@@ -161,7 +165,7 @@ int64_t dkd_row_adam(float *w, float *m, float *v, float *step, int64_t C, int64
         (n_f && (!ids_ok(rows_f, n_f, C) || !ids_ok(src, n_f, nx))))
         return -1;
     adam_t o = {w, m, v, step, d, lr, b1, b2, eps, wd, decoupled};
-    job_t base = {&o, rows_f, src, rows_d, coef, x, g, n_f, 0, 0, 0, 0, 0};
+    job_t base = {&o, rows_f, src, rows_d, coef, x, g, n_f, 0, 0, 0, 0, 0, 0};
     int64_t u = n_d;
     if (slot) u = group_rows(&base, n_f + n_d, slot, scratch, &base.urow, &base.start, &base.list);
     job_t jobs[MAX_THREADS];
@@ -169,10 +173,14 @@ int64_t dkd_row_adam(float *w, float *m, float *v, float *step, int64_t C, int64
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     if (nthreads > u) nthreads = (int)u;
     if (nthreads < 1) nthreads = 1;
+    float *bufs = 0;
+    if (base.urow && !(bufs = malloc((size_t)nthreads * (size_t)(d > 0 ? d : 1) * sizeof(float))))
+        return -2;
     for (int k = 0; k < nthreads; ++k) {
         jobs[k] = base;
         jobs[k].lo = u * k / nthreads;
         jobs[k].hi = u * (k + 1) / nthreads;
+        jobs[k].buf = bufs ? bufs + (size_t)k * (size_t)d : 0;
     }
     int started = 0;
     for (int k = 1; k < nthreads; ++k) {
@@ -182,6 +190,7 @@ int64_t dkd_row_adam(float *w, float *m, float *v, float *step, int64_t C, int64
     run_job(&jobs[0]);
     for (int k = started + 1; k < nthreads; ++k) run_job(&jobs[k]);   /* not started: inline */
     for (int k = 1; k <= started; ++k) pthread_join(tid[k], 0);
+    free(bufs);
     return u;
 }
 
@@ -289,14 +298,12 @@ void dkd_sampled_loss(const float *z, const float *a, const float *o, int64_t ld
  *
  * dkd_rbar_topk: r̄ over all C classes from a top-K teacher, out (C,) float64:
  *   r̄(c) = mean_b tail_b + sum_{(b, k): ids[b, k] = c} (1 / B) (pk[b, k] - tail_b),
- * pk rows at stride ldp (0: one row for every sample). */
+ * pk rows at stride ldp (0: one row for every sample); tm = mean_b tail_b, passed in so it
+ * is torch's own mean (the draws then match the torch path's exactly). */
 int dkd_rbar_topk(const int64_t *ids, const double *pk, int64_t ldp, const double *tail,
-                  int64_t B, int64_t K, int64_t C, double *out)
+                  double tm, int64_t B, int64_t K, int64_t C, double *out)
 {
     if (!ids_ok(ids, B * K, C)) return -1;
-    double tm = 0.0;
-    for (int64_t b = 0; b < B; ++b) tm += tail[b];
-    tm /= (double)B;
     for (int64_t c = 0; c < C; ++c) out[c] = tm;
     const double inv_b = 1.0 / (double)B;
     for (int64_t b = 0; b < B; ++b)
