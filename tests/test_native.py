@@ -206,3 +206,24 @@ def test_sampled_loss_broadcast_teacher_row_and_shape_errors():
     assert torch.equal(g1, g2) and kd1 == kd2
     with pytest.raises(RuntimeError):
         native.sampled_loss(z, torch.randn(3), o, None, None, 4.0, 1.0)
+
+
+@pytest.mark.parametrize("env,reason", [({"CC": "/nonexistent/cc"}, "No such file"),
+                                        ({"DKD_NATIVE": "0"}, "disabled by DKD_NATIVE=0")])
+def test_without_native_kernels_everything_takes_the_torch_path(tmp_path, env, reason):
+    """No compiler (or DKD_NATIVE=0): status says why, and a hybrid head step runs on the
+    torch paths (a fresh process with an empty kernel cache)."""
+    import os
+    import subprocess
+    import sys
+    code = ("import torch; from dkd.head import native; "
+            "from dkd.bench_cases import HeadBench, make_proposal; "
+            "hb = HeadBench(751, 16, 8, 20, 0); "
+            "hb.sampled_step(make_proposal('dis'), 'hybrid', 5, torch.Generator().manual_seed(0)); "
+            "print(native.status(), hb.opt.last_impl)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "DKD_CACHE_DIR": str(tmp_path), **env}, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    status, impl = out.stdout.strip().rsplit(" ", 1)
+    assert status.startswith("torch (") and reason in status and impl == "torch"
+    assert not list(tmp_path.glob("*.so"))

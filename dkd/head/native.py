@@ -52,7 +52,8 @@ def _build() -> ctypes.CDLL:
     if not cc:
         raise RuntimeError("no C compiler (set CC, or install cc/gcc)")
     src = _SRC.read_bytes()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
     key = hashlib.sha256(src + version.encode() + _cpu_key().encode()
                          + " ".join(_FLAGS).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("DKD_CACHE_DIR", Path.home() / ".cache" / "dkd"))
@@ -65,7 +66,7 @@ def _build() -> ctypes.CDLL:
             err = ""
             for march in (["-march=native"], []):    # some compilers lack -march=native
                 res = subprocess.run([cc, *_FLAGS, *march, "-o", tmp, str(_SRC), "-lm"],
-                                     capture_output=True, text=True)
+                                     capture_output=True, text=True, timeout=300)
                 if res.returncode == 0:
                     break
                 err = res.stderr.strip()[-500:]
