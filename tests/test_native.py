@@ -164,12 +164,12 @@ def test_out_of_range_ids_raise_and_write_nothing():
     assert torch.equal(w, w0) and not opt.state["step"].any()
     with pytest.raises(IndexError, match="idx"):
         native.gather_dot(torch.randn(2, 4), w, torch.tensor([[0], [-1]]))
-    slot = torch.full((6,), -1, dtype=torch.long)
+    slot = torch.zeros(6, dtype=torch.long)
     ids = torch.tensor([[0, 7]])
     with pytest.raises(IndexError, match="teacher ids"):
         native.topk_lookup(ids, torch.randn(1, 2), torch.zeros(1, dtype=torch.float64),
-                           torch.tensor([0]), torch.tensor([1]), slot, 6)
-    assert (slot == -1).all()
+                           torch.tensor([0]), torch.tensor([1]), (slot, 1 << 32), 6)
+    assert (slot == 0).all()
     with pytest.raises(ValueError, match="y must have shape"):
         native.target_pos(ids, torch.tensor([0, 1]))
 

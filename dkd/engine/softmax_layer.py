@@ -198,8 +198,8 @@ class SoftmaxLayer:
 def hybrid_loss(feats, head, s: SampleSet, a, local, own, lam: float, T: float, group) -> dict:
     """The mixed loss of a hybrid sample set [D_b | shared draws] on this rank's shard.
 
-    local (B, n): local row ids of s.classes (placeholders on row 0, see local_columns); own (B, n) bool: which of them this
-    rank holds, or None when it holds all (one shard). D_b columns are masked where
+    local (B, n): local row ids of s.classes (placeholders on row 0, see local_columns);
+    own (B, n) bool: which of them this rank holds, or None when it holds all (one shard). D_b columns are masked where
     another rank owns them; of the shared draws this rank keeps only those it owns, so
     its GEMM is (B, d)(d, u_local). a: teacher logits at s.classes (B, n).
     """

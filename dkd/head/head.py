@@ -130,9 +130,11 @@ class ShardedHead(nn.Module):
         if optimizer.weight is not self.weight:
             raise ValueError("optimizer must be built on this head's weight (build it after "
                              "moving the head to its device)")
-        if len(self._pending) == 1 and self._pending[0].split() is not None:
+        split = self._pending[0].split() if len(self._pending) == 1 else None
+        if split is not None:
             # one hybrid call: dense + factored rows, summed by the optimizer itself
-            rows_d, g_d, factored = self._pending.pop().split()
+            self._pending.clear()
+            rows_d, g_d, factored = split
             optimizer.step(rows_d, g_d, lr, factored=factored)
             return rows_d.numel() + factored[0].numel()
         got = [(h, h.collect()) for h in self._pending]

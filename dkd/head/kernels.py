@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from dkd.head import native
+from dkd.head.sparse_optim import factored_rows
 
 PATHS = ("batch_shared", "union", "gather_dot")
 
@@ -75,8 +76,8 @@ class RowGrad:
             return self.leaf.grad if self.leaf.requires_grad else None
         if self._split is not None:
             self._check_source()
-            _, g_d, (_, coef, src, x) = self._split
-            return torch.cat([x.index_select(0, src).mul_(coef.unsqueeze(1)), g_d])
+            _, g_d, factored = self._split
+            return torch.cat([factored_rows(factored), g_d])
         return self._grad
 
     def set_split(self, rows_d, grad_d, factored) -> None:

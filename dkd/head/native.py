@@ -85,10 +85,10 @@ def _build() -> ctypes.CDLL:
             ("dkd_gather_axpy", [P, P, I, P, I, P, I, I, I], N),
             ("dkd_sampled_loss", [P, P, P, I, P, I, P, I, I, I, D, D, P, P], None),
             ("dkd_rbar_topk", [P, P, I, P, D, I, I, I, P], N),
-            ("dkd_topk_lookup", [P, P, P, P, I, I, P, I, P, I, P, P], N),
+            ("dkd_topk_lookup", [P, P, P, P, I, I, P, I, P, I, I, P, P], N),
             ("dkd_target_pos", [P, I, I, P, P], None),
-            ("dkd_tail_clash", [P, I, I, P, P, I, P, P, I, P, P], N),
-            ("dkd_shared_lookup", [P, P, P, P, I, P, D, I, I, P, I, P, I, P, P], N)):
+            ("dkd_tail_clash", [P, I, I, P, P, I, P, P, I, I, P, P], N),
+            ("dkd_shared_lookup", [P, P, P, P, I, P, D, I, I, P, I, P, I, I, P, P], N)):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
     return lib
@@ -115,8 +115,8 @@ def available() -> bool:
 
 @contextlib.contextmanager
 def disabled():
-    """Within this block every caller takes its torch path (tests compare the two; the
-    softmax benchmark's ``--no-native`` runs under it)."""
+    """Within this block every caller takes its torch path (tests compare the two; for a
+    whole process, ``DKD_NATIVE=0``)."""
     global _off
     _off += 1
     try:
@@ -163,16 +163,13 @@ def row_adam(weight, exp_avg, exp_avg_sq, step, rows, grad, lr: float, betas, ep
         raise ValueError("factored gradient rows need the slot map")
     n = n_d + n_f
     threads = torch.get_num_threads() if n * d >= _THREADED_ELEMENTS else 1
-    scratch = torch.empty(5 * n + 2 if slot is not None else 0, dtype=torch.int64)
-
-    def ptr(t):
-        return None if t is None else t.data_ptr()
+    scratch = None if slot is None else torch.empty(5 * n + 2, dtype=torch.int64)
     u = _lib.dkd_row_adam(
         weight.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), step.data_ptr(),
-        weight.shape[0], d, ptr(rows), n_d, grad.data_ptr(), ptr(rows_f), n_f, ptr(coef),
-        ptr(src), ptr(x), 0 if x is None else x.shape[0], float(lr), float(betas[0]),
-        float(betas[1]), float(eps), float(weight_decay), int(decoupled), threads, ptr(slot),
-        ptr(scratch) if slot is not None else None)
+        weight.shape[0], d, _ptr(rows), n_d, grad.data_ptr(), _ptr(rows_f), n_f, _ptr(coef),
+        _ptr(src), _ptr(x), 0 if x is None else x.shape[0], float(lr), float(betas[0]),
+        float(betas[1]), float(eps), float(weight_decay), int(decoupled), threads, _ptr(slot),
+        _ptr(scratch))
     _ok(u, "rows", weight.shape[0])
     _written(weight, exp_avg, exp_avg_sq, step)
     return u
@@ -255,9 +252,18 @@ def sampled_loss(z: torch.Tensor, a: torch.Tensor, o: torch.Tensor, keep, tgt, T
     return grad, out[0], out[1]
 
 
-def _check_slot(slot: torch.Tensor, num_classes: int) -> None:
-    if slot.numel() < num_classes:
-        raise ValueError(f"slot must hold >= {num_classes} entries, got {slot.numel()}")
+def _stamp(stamp, num_classes: int) -> tuple[torch.Tensor, int]:
+    """Check an epoch-stamped slot map (slot (≥ C,) int64, base): this call's entries are
+    base + j, anything below base is stale (dkd/sampling/topk_sampler.py ``_slot_map``)."""
+    slot, base = stamp
+    if slot.numel() < num_classes or slot.dtype != torch.int64:
+        raise ValueError(f"slot must be int64 with >= {num_classes} entries, got "
+                         f"{slot.dtype} {slot.numel()}")
+    return slot, int(base)
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
 
 
 def rbar_topk(ids: torch.Tensor, pk: torch.Tensor, tail: torch.Tensor,
@@ -274,20 +280,20 @@ def rbar_topk(ids: torch.Tensor, pk: torch.Tensor, tail: torch.Tensor,
     return out
 
 
-def topk_lookup(ids, logits, rest, y, draws, slot,
+def topk_lookup(ids, logits, rest, y, draws, stamp,
                 num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(teacher logits at [y_b, draws] (B, 1 + u) float32, in_d (B, u) bool: draw j is
     row b's target) from a top-K teacher: ids (B, K) int64, logits (B, K) float32, rest (B,)
-    float64 completion logits, y (B,) int64, draws (u,) int64 distinct; slot (C,) int64
-    scratch that is all −1 before and after the call; ids and draws must be < num_classes."""
+    float64 completion logits, y (B,) int64, draws (u,) int64 distinct; stamp: (slot, base)
+    (see :func:`_stamp`); ids and draws must be < num_classes."""
     B, K = ids.shape
     _check_y(y, B)
-    _check_slot(slot, num_classes)
+    slot, base = _stamp(stamp, num_classes)
     u = draws.numel()
     out = torch.empty((B, 1 + u), dtype=torch.float32)
     in_d = torch.empty((B, u), dtype=torch.bool)
     _ok(_lib.dkd_topk_lookup(ids.data_ptr(), logits.data_ptr(), rest.data_ptr(), y.data_ptr(),
-                             B, K, draws.data_ptr(), u, slot.data_ptr(), num_classes,
+                             B, K, draws.data_ptr(), u, slot.data_ptr(), base, num_classes,
                              out.data_ptr(), in_d.data_ptr()), "teacher ids or draws",
         num_classes)
     return out, in_d
@@ -307,33 +313,34 @@ def target_pos(ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return pos
 
 
-def tail_clash(ids, y, cand, is_tail, slot, num_classes: int) -> torch.Tensor:
+def tail_clash(ids, y, cand, is_tail, stamp, num_classes: int) -> torch.Tensor:
     """(B, m) bool: is_tail[b, j] and cand[j] is in row b's top-K (ids (B, K)) or is y_b;
-    all int64 / bool, contiguous; slot (C,) int64 all −1 before and after."""
+    all int64 / bool, contiguous; stamp: (slot, base) (see :func:`_stamp`)."""
     B, K = ids.shape
     m = cand.numel()
     _check_y(y, B)
-    _check_slot(slot, num_classes)
+    slot, base = _stamp(stamp, num_classes)
     if is_tail.shape != (B, m):
         raise ValueError(f"is_tail must have shape ({B}, {m}), got {tuple(is_tail.shape)}")
     bad = torch.empty((B, m), dtype=torch.bool)
     nxt = torch.empty(m, dtype=torch.int64)
     _ok(_lib.dkd_tail_clash(ids.data_ptr(), B, K, y.data_ptr(), cand.data_ptr(), m,
-                            is_tail.data_ptr(), slot.data_ptr(), num_classes, nxt.data_ptr(),
+                            is_tail.data_ptr(), slot.data_ptr(), base, num_classes,
+                            nxt.data_ptr(),
                             bad.data_ptr()), "teacher ids or candidates", num_classes)
     return bad
 
 
-def shared_lookup(ids, logits, rest, pk, tail, cls, slot, num_classes: int,
+def shared_lookup(ids, logits, rest, pk, tail, cls, stamp, num_classes: int,
                   want_logits: bool = True):
     """At distinct classes cls (n,) int64 of a top-K teacher (ids (B, K) int64, logits (B, K)
     float32, rest (B,) float64 completion logits): (teacher logits (B, n) float32 or None,
     r̄(c) = mean_b tail_b + Σ_{b: c in top-K_b} (pk_b(c) − tail_b) / B, clamped to 1e-300,
     (n,) float64, or None when pk is None); pk (B, K) or (1, K) float64, tail (B,) float64.
-    slot (C,) int64 scratch, all −1 before and after."""
+    stamp: (slot, base) (see :func:`_stamp`)."""
     B, K = ids.shape
     n = cls.numel()
-    _check_slot(slot, num_classes)
+    slot, base = _stamp(stamp, num_classes)
     a = torch.empty((B, n), dtype=torch.float32) if want_logits else None
     rbar = None
     tm, ldp = 0.0, 0
@@ -341,12 +348,9 @@ def shared_lookup(ids, logits, rest, pk, tail, cls, slot, num_classes: int,
         pk, tail = pk.contiguous(), tail.contiguous()
         rbar = torch.empty(n, dtype=torch.float64)
         tm, ldp = float(tail.mean()), (0 if pk.shape[0] == 1 else K)
-
-    def ptr(t):
-        return None if t is None else t.data_ptr()
-    _ok(_lib.dkd_shared_lookup(ids.data_ptr(), logits.data_ptr(), rest.data_ptr(), ptr(pk),
-                               ldp, ptr(tail), tm, B, K, cls.data_ptr(), n, slot.data_ptr(),
-                               num_classes, ptr(a), ptr(rbar)), "teacher ids or classes",
+    _ok(_lib.dkd_shared_lookup(ids.data_ptr(), logits.data_ptr(), rest.data_ptr(), _ptr(pk),
+                               ldp, _ptr(tail), tm, B, K, cls.data_ptr(), n, slot.data_ptr(),
+                               base, num_classes, _ptr(a), _ptr(rbar)), "teacher ids or classes",
         num_classes)
     return a, rbar
 

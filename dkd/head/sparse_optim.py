@@ -88,8 +88,7 @@ class SparseRowOptimizer:
             raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
         self._chunk = chunk_rows
         # Adam / AdamW on float32 host tensors step in one C pass (native.py) when it
-        # builds; False forces the torch path. last_impl says which ran ("native"/"torch").
-        self.use_native = True
+        # builds. last_impl says which ran ("native"/"torch").
         self.last_impl: str | None = None
 
     # ---------------------------------------------------------------- step
@@ -123,9 +122,8 @@ class SparseRowOptimizer:
         if self._native_step(rows, grad, lr, unique, factored):
             return
         if factored is not None:                # the torch path: materialise them
-            rows_f, c, src, x = factored
-            rows = torch.cat([rows_f, rows])
-            grad = torch.cat([x.index_select(0, src).mul_(c.unsqueeze(1)), grad])
+            rows = torch.cat([factored[0], rows])
+            grad = torch.cat([factored_rows(factored), grad])
         if not unique:
             rows, grad = self._coalesce(rows, grad)
         coef = self._row_coefficients(rows, lr)
@@ -174,8 +172,9 @@ class SparseRowOptimizer:
         n = rows_f.numel()
         if (rows_f.dim() != 1 or coef.shape != (n,) or src.shape != (n,) or x.dim() != 2
                 or x.shape[1] != self.weight.shape[1]):
+            shapes = [tuple(t.shape) for t in factored]
             raise ValueError(f"factored must be (rows (n,), coef (n,), src (n,), x (m, "
-                             f"{self.weight.shape[1]})), got shapes {[tuple(t.shape) for t in factored]}")
+                             f"{self.weight.shape[1]})), got shapes {shapes}")
         return (rows_f.long(), coef.to(self.weight.dtype), src.long(), x.to(self.weight.dtype))
 
     def _native_step(self, rows: torch.Tensor | None, grad: torch.Tensor, lr: float,
@@ -184,7 +183,7 @@ class SparseRowOptimizer:
         C pass over the rows (dkd/head/native.py), in place, no gathers. False where it
         does not apply (other kinds, dtypes or devices, lr = 0, kernels unavailable): the
         caller then runs the torch path, which gives the same result to float rounding."""
-        if self.kind not in ("adam", "adamw") or lr == 0.0 or not self.use_native:
+        if self.kind not in ("adam", "adamw") or lr == 0.0:
             return False
         st = self.state
         rows = None if rows is None else rows.contiguous()
@@ -376,4 +375,10 @@ class SparseRowOptimizer:
             self._max_t = max(self._max_t, int(state["step"].max()))
 
 
-__all__ = ["KINDS", "SparseRowOptimizer"]
+def factored_rows(factored) -> torch.Tensor:
+    """The (n, d) gradient rows coef[i] · x[src[i]] of factored = (rows, coef, src, x)."""
+    _, coef, src, x = factored
+    return x.index_select(0, src).mul_(coef.unsqueeze(1))
+
+
+__all__ = ["KINDS", "SparseRowOptimizer", "factored_rows"]

@@ -150,8 +150,7 @@ def sampled_kd_loss(student_cols: torch.Tensor, teacher_cols: torch.Tensor,
     z = student_cols
     others = [t for t in (teacher_cols, log_correction, mask, target_cols) if t is not None]
     if (group_size(group) <= 1 and z.dim() == 2 and native.supports(z)
-            and z.dtype == torch.float32 and all(t.device.type == "cpu" for t in others)
-            and native.available()):
+            and all(t.device.type == "cpu" for t in others) and native.available()):
         loss, kd, ce = _NativeSampledMixedLoss.apply(
             z, teacher_cols.detach(), log_correction.detach(), mask, target_cols, float(T),
             float(lam))

@@ -320,6 +320,13 @@ def _slot_map(workspace: dict | None, C: int, device):
     return slot, ws["epoch"]
 
 
+def _stamp(workspace: dict | None, C: int, device) -> tuple[torch.Tensor, int]:
+    """(slot map, base = epoch << 32) of one call: its entries are base + column, any
+    entry below base is stale. The native look-ups take this pair too."""
+    slot, epoch = _slot_map(workspace, C, device)
+    return slot, epoch << 32
+
+
 def _topk_hits(ids: torch.Tensor, cls: torch.Tensor, workspace, C: int):
     """Entries of ids (B, K) that are among the unique classes cls (n,) (all < C):
     (flat entry index (h,), column in cls (h,)). O(B·K + n), no sort: one gather from
@@ -330,8 +337,7 @@ def _topk_hits(ids: torch.Tensor, cls: torch.Tensor, workspace, C: int):
     if n == 0:
         e = flat.new_zeros(0)
         return e, e
-    slot, epoch = _slot_map(workspace, C, ids.device)
-    base = epoch << 32
+    slot, base = _stamp(workspace, C, ids.device)
     slot.index_copy_(0, cls, torch.arange(base, base + n, device=ids.device))
     val = slot.index_select(0, flat)
     hit = (val >= base).nonzero().squeeze(1)
@@ -344,12 +350,11 @@ def _shared_lookup(teacher, cls, pk, tail, workspace, logits: bool = True):
     cls in the top-K only: r̄(c) = mean_b tail_b + Σ_{b: c in top-K_b} (r_b(c) - tail_b) / B."""
     B, K = teacher.ids.shape
     n = cls.numel()
-    if (_native_ids_ok(teacher, cls) and teacher.logits.dtype == torch.float32
-            and teacher.logits.is_contiguous() and cls.dtype == torch.int64):
+    if _native_ok(teacher, cls, logits=True):
         C = teacher.num_classes
         return native.shared_lookup(teacher.ids, teacher.logits,
                                     teacher.rest_logit().contiguous(), pk, tail,
-                                    cls.contiguous(), _lookup_slot(workspace, C), C,
+                                    cls.long().contiguous(), _stamp(workspace, C, "cpu"), C,
                                     want_logits=logits)
     hit, col = _topk_hits(teacher.ids, cls, workspace, teacher.num_classes)
     rows = torch.div(hit, K, rounding_mode="floor")
@@ -390,7 +395,7 @@ def _gen_device(generator):
 
 def _target_pos(teacher: TopKTeacher, y: torch.Tensor):
     """(pos_y (B,) column of the target in the top-K, K if absent; y_in (B,) bool)."""
-    if _native_ids_ok(teacher, y):
+    if _native_ok(teacher, y):
         pos = native.target_pos(teacher.ids, y.long().contiguous())
         return pos, pos < teacher.k
     rows, cols = (teacher.ids == y.long().unsqueeze(1)).nonzero(as_tuple=True)  # distinct ids
@@ -657,7 +662,8 @@ def _hybrid(teacher, y, proposal, m, top_t, correction, generator, workspace):
     """D_b per row (as per_sample) + m draws from the unrestricted r̄ shared by the batch."""
     B, K, C = teacher.ids.shape[0], teacher.k, teacher.num_classes
     pk, tail = _row_probs(teacher, proposal, workspace)
-    if top_t == 0 and _native_hybrid_ok(teacher, y, generator):
+    if (top_t == 0 and B * C <= DENSE_HYBRID_ENTRIES and _gen_device(generator).type == "cpu"
+            and _native_ok(teacher, y, logits=True)):
         return _hybrid_native(teacher, y, pk, tail, m, correction, generator, workspace)
     if B * C <= DENSE_HYBRID_ENTRIES:
         dense = teacher.dense()                                          # (B, C)
@@ -685,30 +691,14 @@ def _hybrid(teacher, y, proposal, m, top_t, correction, generator, workspace):
     return hybrid_set(det, draws, o.float()), torch.cat([det_a, a_s], 1)
 
 
-def _native_ids_ok(teacher, y) -> bool:
-    """The native top-K helpers apply: host int64 ids, contiguous."""
-    return (teacher.ids.device.type == "cpu" and y.device.type == "cpu"
-            and teacher.ids.dtype == torch.int64 and teacher.ids.is_contiguous()
-            and native.available())
-
-
-def _lookup_slot(workspace: dict | None, C: int) -> torch.Tensor:
-    """(C,) int64 scratch of the native look-ups, all −1 between calls."""
-    ws = {} if workspace is None else workspace
-    slot = ws.get("lookup_slot")
-    if slot is None or slot.numel() < C:
-        slot = ws["lookup_slot"] = torch.full((C,), -1, dtype=torch.long)
-    return slot
-
-
-def _native_hybrid_ok(teacher, y, generator) -> bool:
-    """The native look-ups apply: host tensors, float32 top-K logits, C small enough for a
-    (C,) r̄ (the dense-teacher regime), the draws on the host."""
+def _native_ok(teacher, other: torch.Tensor, logits: bool = False) -> bool:
+    """The native top-K helpers apply: host int64 contiguous ids, ``other`` (labels or
+    classes) on the host, and with ``logits`` float32 contiguous top-K logits."""
     t = teacher
-    return (t.ids.device.type == "cpu" and t.logits.dtype == torch.float32
-            and t.ids.dtype == torch.int64 and t.ids.is_contiguous() and t.logits.is_contiguous()
-            and t.ids.shape[0] * t.num_classes <= DENSE_HYBRID_ENTRIES
-            and _gen_device(generator).type == "cpu" and native.available())
+    return (native.supports(t.ids) and t.ids.dtype == torch.int64
+            and other.device.type == "cpu"
+            and (not logits or (native.supports(t.logits) and t.logits.dtype == torch.float32))
+            and native.available())
 
 
 def _hybrid_native(teacher, y, pk, tail, m, correction, generator, workspace):
@@ -725,7 +715,7 @@ def _hybrid_native(teacher, y, pk, tail, m, correction, generator, workspace):
         o = o + math.log(m)
     y = y.long().contiguous()
     a, in_d = native.topk_lookup(teacher.ids, teacher.logits, teacher.rest_logit().contiguous(),
-                                 y, draws, _lookup_slot(workspace, C), C)
+                                 y, draws, _stamp(workspace, C, "cpu"), C)
     return hybrid_set(y.unsqueeze(1), draws, o.float(), in_d), a
 
 
@@ -843,9 +833,9 @@ def _tail_fill(teacher, y, is_tail, cls, generator, workspace):
     dev, C, K = teacher.ids.device, teacher.num_classes, teacher.k
     cand = torch.randint(0, C, (m,), generator=generator, device=_gen_device(generator)).to(dev)
     cls = torch.where(is_tail, cand.unsqueeze(0), cls)
-    if _native_ids_ok(teacher, y):      # the clash test below in one O(B·K + B·m) pass
+    if _native_ok(teacher, y):      # the clash test below in one O(B·K + B·m) pass
         bad = native.tail_clash(teacher.ids, y.long().contiguous(), cand.contiguous(),
-                                is_tail.contiguous(), _lookup_slot(workspace, C), C)
+                                is_tail.contiguous(), _stamp(workspace, C, "cpu"), C)
     else:
         u, inv = torch.unique(cand, return_inverse=True)
         hit, col = _topk_hits(teacher.ids, u, workspace, C)     # few: about B·K·m / C

@@ -16,8 +16,8 @@
  * the same operations as SparseRowOptimizer's torch path (no FMA contraction here; torch's
  * vectorised kernels may contract, so results agree to float rounding, not bit for bit).
  * Rows must be unique unless a slot map is given (repeated rows on the ungrouped path
- * would be updated by two threads at once). Rows may repeat when a slot map is given: a row's gradients are
- * summed in order of occurrence (as the torch path's index_add does) into a row buffer,
+ * would be updated by two threads at once). With a slot map a row's gradients are summed
+ * in order of occurrence (as the torch path's index_add does) into a row buffer,
  * and some may be given factored, coef * x[src] (the hybrid kernel's per-sample rows:
  * never materialised as a (B, d) tensor). No gather, no scatter: every element of w, m,
  * v, g is read once and w, m, v written once, which is the whole point:
@@ -314,14 +314,17 @@ int dkd_rbar_topk(const int64_t *ids, const double *pk, int64_t ldp, const doubl
 
 /* dkd_topk_lookup: completed teacher logits at [y_b, draws] for every row, out (B, 1 + u)
  * float32 (a top-K logit where the class is in the row's top-K, else the row's completion
- * logit rest_b), and in_d (B, u): draw j is the row's target. slot: (C,) int64, all -1 on
- * entry and on return. (Functions returning int: 0, or -1 for an id out of range.) */
+ * logit rest_b), and in_d (B, u): draw j is the row's target.
+ * slot, base: the sampler's epoch-stamped slot map (topk_sampler._slot_map): this call
+ * writes base + j for its column j, so an entry below base is stale and reads as absent
+ * (nothing is restored afterwards). (Functions returning int: 0, or -1 for an id out of
+ * range.) */
 int dkd_topk_lookup(const int64_t *ids, const float *logits, const double *rest,
                     const int64_t *y, int64_t B, int64_t K, const int64_t *draws, int64_t u,
-                    int64_t *slot, int64_t C, float *out, uint8_t *in_d)
+                    int64_t *slot, int64_t base, int64_t C, float *out, uint8_t *in_d)
 {
     if (!ids_ok(ids, B * K, C) || !ids_ok(draws, u, C)) return -1;
-    for (int64_t j = 0; j < u; ++j) slot[draws[j]] = j;
+    for (int64_t j = 0; j < u; ++j) slot[draws[j]] = base + j;
     for (int64_t b = 0; b < B; ++b) {
         const float r = (float)rest[b];
         float *ob = out + b * (1 + u);
@@ -332,13 +335,12 @@ int dkd_topk_lookup(const int64_t *ids, const float *logits, const double *rest,
         }
         for (int64_t k = 0; k < K; ++k) {
             const int64_t c = ids[b * K + k];
-            const int64_t s = slot[c];
+            const int64_t s = slot[c] - base;
             if (s >= 0) ob[1 + s] = logits[b * K + k];
             if (c == y[b]) ya = logits[b * K + k];
         }
         ob[0] = ya;
     }
-    for (int64_t j = 0; j < u; ++j) slot[draws[j]] = -1;
     return 0;
 }
 
@@ -360,40 +362,40 @@ void dkd_target_pos(const int64_t *ids, int64_t B, int64_t K, const int64_t *y, 
 
 /* dkd_tail_clash: bad[b, j] = is_tail[b, j] && (cand[j] is in row b's top-K or is y[b]),
  * for the tail fill's shared candidates cand (m,), repeats allowed (chained through next
- * (m,) scratch). slot: (C,) int64, all -1 on entry and on return. O(B·K + B·m). */
+ * (m,) scratch). slot, base: as dkd_topk_lookup. O(B·K + B·m). */
 int dkd_tail_clash(const int64_t *ids, int64_t B, int64_t K, const int64_t *y,
                    const int64_t *cand, int64_t m, const uint8_t *is_tail, int64_t *slot,
-                   int64_t C, int64_t *next, uint8_t *bad)
+                   int64_t base, int64_t C, int64_t *next, uint8_t *bad)
 {
     if (!ids_ok(ids, B * K, C) || !ids_ok(cand, m, C)) return -1;
     for (int64_t j = 0; j < m; ++j) {
-        next[j] = slot[cand[j]];
-        slot[cand[j]] = j;
+        const int64_t prev = slot[cand[j]] - base;     /* an earlier j of this call, or stale */
+        next[j] = prev >= 0 ? prev : -1;
+        slot[cand[j]] = base + j;
     }
     for (int64_t b = 0; b < B; ++b) {
         const uint8_t *tb = is_tail + b * m;
         uint8_t *bb = bad + b * m;
         for (int64_t j = 0; j < m; ++j) bb[j] = tb[j] && cand[j] == y[b];
         for (int64_t k = 0; k < K; ++k)
-            for (int64_t j = slot[ids[b * K + k]]; j >= 0; j = next[j])
+            for (int64_t j = slot[ids[b * K + k]] - base; j >= 0; j = next[j])
                 if (tb[j]) bb[j] = 1;
     }
-    for (int64_t j = 0; j < m; ++j) slot[cand[j]] = -1;
     return 0;
 }
 
 /* dkd_shared_lookup: at distinct classes cls (n,), the completed teacher logits a (B, n)
  * float32 (NULL: not wanted) and r̄(c) = tm + sum_{(b, k): ids[b, k] = c} (pk[b, k] - tail_b) / B
  * clamped to >= 1e-300, rbar (n,) float64 (NULL: not wanted); pk rows at stride ldp (0:
- * one row). tm = mean_b tail_b, passed in so it is torch's own mean. slot: (C,) int64, all
- * -1 on entry and on return. */
+ * one row). tm = mean_b tail_b, passed in so it is torch's own mean. slot, base: as
+ * dkd_topk_lookup. */
 int dkd_shared_lookup(const int64_t *ids, const float *logits, const double *rest,
                       const double *pk, int64_t ldp, const double *tail, double tm,
                       int64_t B, int64_t K, const int64_t *cls, int64_t n, int64_t *slot,
-                      int64_t C, float *a, double *rbar)
+                      int64_t base, int64_t C, float *a, double *rbar)
 {
     if (!ids_ok(ids, B * K, C) || !ids_ok(cls, n, C)) return -1;
-    for (int64_t j = 0; j < n; ++j) slot[cls[j]] = j;
+    for (int64_t j = 0; j < n; ++j) slot[cls[j]] = base + j;
     if (rbar)
         for (int64_t j = 0; j < n; ++j) rbar[j] = 0.0;
     for (int64_t b = 0; b < B; ++b) {
@@ -403,7 +405,7 @@ int dkd_shared_lookup(const int64_t *ids, const float *logits, const double *res
             for (int64_t j = 0; j < n; ++j) ab[j] = r;
         }
         for (int64_t k = 0; k < K; ++k) {
-            const int64_t s = slot[ids[b * K + k]];
+            const int64_t s = slot[ids[b * K + k]] - base;
             if (s < 0) continue;
             if (ab) ab[s] = logits[b * K + k];
             if (rbar) rbar[s] += pk[b * ldp + k] - tail[b];
@@ -414,6 +416,5 @@ int dkd_shared_lookup(const int64_t *ids, const float *logits, const double *res
             const double v = tm + rbar[j] / (double)B;
             rbar[j] = v > 1e-300 ? v : 1e-300;
         }
-    for (int64_t j = 0; j < n; ++j) slot[cls[j]] = -1;
     return 0;
 }
