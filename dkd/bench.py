@@ -57,7 +57,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from dkd.bench_cases import HeadBench, bound_of, full_step_bytes, make_proposal
+from dkd.bench_cases import HeadBench, bound_of, full_step_bytes
+from dkd.profiling.ops import OpCounter
 from dkd.head import native
 
 DEFAULT_CLASSES = [751, 10_000, 100_000]
@@ -94,8 +95,15 @@ def _reset_hwm() -> bool:
         return False
 
 
-def peak_step_memory(step) -> tuple[float, str]:
+def peak_step_memory(step, device: str = "cpu") -> tuple[float, str]:
     """(MiB the step added to resident memory at its peak, method); see module doc."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return max(torch.cuda.max_memory_allocated() - before, 0) / 2 ** 20, "cuda_peak"
     gc.collect()
     _malloc_trim()
     if _reset_hwm():
@@ -145,9 +153,22 @@ def _pct(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def _time(step, warmup: int, repeats: int, group) -> dict:
-    """Run warm-up, timed repeats and one memory step; returns raw per-step data."""
+def _time(step, warmup: int, repeats: int, group, device: str = "cpu") -> dict:
+    """Run warm-up, timed repeats and one memory step; returns raw per-step data. On CUDA
+    each timed step ends with a device synchronisation (the step's own launches are
+    asynchronous: its time is until the device has finished it)."""
     barrier = (lambda: dist.barrier(group)) if group is not None else (lambda: None)
+    if device == "cuda":
+        inner, barrier0 = step, barrier
+
+        def step():
+            info = inner()
+            torch.cuda.synchronize()
+            return info
+
+        def barrier():
+            torch.cuda.synchronize()
+            barrier0()
     for _ in range(warmup):
         barrier()
         step()
@@ -160,7 +181,7 @@ def _time(step, warmup: int, repeats: int, group) -> dict:
         cpu.append(time.process_time() - c0)
         infos.append(info)
     barrier()
-    peak, how = peak_step_memory(step)
+    peak, how = peak_step_memory(step, device)
     return {"times": times, "cpu": cpu, "infos": infos, "peak_mb": peak, "peak_how": how}
 
 
@@ -182,12 +203,9 @@ def _summary(raw: dict) -> dict:
 
 # ---------------------------------------------------------------- one world
 def _cols_per_row(raw: dict, mode: str, world: int, group) -> float:
-    cols = sum(i["cols"] for i in raw["infos"]) / len(raw["infos"])
-    if mode == "batch_shared" and world > 1:   # stratified: each rank holds its own share
-        t = torch.tensor([cols], dtype=torch.float64)
-        dist.all_reduce(t, group=group)
-        cols = float(t)
-    return cols
+    # Columns every rank computes (fixed shapes: D and m draw slots on each rank, the
+    # classes of other shards as masked placeholders; stratified draws are its own share).
+    return sum(i["cols"] for i in raw["infos"]) / len(raw["infos"])
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -201,7 +219,8 @@ def _full_cases(hb, C, cfg, group, base, before: dict | None) -> tuple[list[dict
     the raw timings) and after them with ``before``: the baseline is the median over both
     blocks, so a slow drift of the machine's speed during the sampled cases biases no
     ratio. full_torch runs in the first block only."""
-    raw = _time(hb.full_step, cfg["warmup"] if before is None else 1, cfg["repeats"], group)
+    raw = _time(hb.full_step, cfg["warmup"] if before is None else 1, cfg["repeats"], group,
+                cfg["device"])
     if before is None:
         return [], raw
     raw = _merge(before, raw)
@@ -210,7 +229,7 @@ def _full_cases(hb, C, cfg, group, base, before: dict | None) -> tuple[list[dict
     recs = [dict(s, method="full")]
     if "full_torch" in cfg["methods"]:
         recs.append(dict(_summary(_time(hb.full_torch_step, cfg["warmup"], cfg["repeats"],
-                                        group)), method="full_torch"))
+                                        group, cfg["device"])), method="full_torch"))
     return [{**base, "classes": C, "k": None, "mode": "dense", **r, "cols_per_row": float(C),
              "full_median_ms": full_ms, "speedup_vs_full": full_ms / r["median_ms"],
              "bound": 1.0, "frac_of_bound": full_ms / r["median_ms"],
@@ -224,15 +243,32 @@ def _sampled_cases(hb, C, cfg, group, base, world, case0) -> list[dict]:
         for method in [m for m in cfg["methods"] if m in SAMPLED]:
             for mode in cfg["modes"]:
                 case += 1
-                prop = make_proposal(method)
-                gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + case)
-                raw = _time(lambda: hb.sampled_step(prop, mode, k, gen), cfg["warmup"],
-                            cfg["repeats"], group)
+                layer = hb.layer(method, mode, k)
+                steps = iter(range(case * 1_000_003, (case + 1) * 1_000_003))
+                raw = _time(lambda: hb.sampled_step(layer, next(steps)), cfg["warmup"],
+                            cfg["repeats"], group, cfg["device"])
                 cols = _cols_per_row(raw, mode, world, group)
-                recs.append({**base, "classes": C, "k": k, "method": method, "mode": mode,
-                             **_summary(raw), "cols_per_row": cols,
-                             "bound": bound_of(C, cols), "state_mb": hb.state_bytes() / 2 ** 20})
+                rec = {**base, "classes": C, "k": k, "method": method, "mode": mode,
+                       **_summary(raw), "cols_per_row": cols,
+                       "bound": bound_of(C, cols), "state_mb": hb.state_bytes() / 2 ** 20}
+                if cfg.get("trace_ops"):
+                    rec.update(trace_ops(hb, layer, next(steps) + 1_000_000))
+                recs.append(rec)
     return recs
+
+
+def trace_ops(hb, layer, step: int) -> dict:
+    """aten_ops / aten_views / host_syncs of one whole head step (sampling, logits, loss,
+    backward, row update) on the torch path: the native host kernels are switched off,
+    so what is counted is what a GPU would run (dkd/profiling/ops.py)."""
+    counter = OpCounter()
+    with native.disabled():
+        hb.sampled_step(layer, step)      # warm: one-off tables (Adam's bias table) built
+        with counter:
+            hb.sampled_step(layer, step + 1)
+    rec = counter.record()
+    return {"aten_ops": rec["aten_ops"], "aten_views": rec["aten_views"],
+            "host_syncs": rec["host_syncs"], "sync_ops": rec["sync_ops"]}
 
 
 def _run_world(cfg: dict, group, world: int, rank: int) -> list[dict]:
@@ -244,7 +280,8 @@ def _run_world(cfg: dict, group, world: int, rank: int) -> list[dict]:
             "malloc": malloc, "threads": torch.get_num_threads(), "warmup": cfg["warmup"],
             "repeats": cfg["repeats"], "torch": torch.__version__, "kernels": native.status()}
     for i, C in enumerate(cfg["classes"]):
-        hb = HeadBench(C, B, d, cfg["teacher_topk"], cfg["seed"], group, world, rank)
+        hb = HeadBench(C, B, d, cfg["teacher_topk"], cfg["seed"], group, world, rank,
+                       device=cfg["device"])
         need = full_step_bytes(C, B, d)
         skipped, full_ms, first = None, None, None
         if need > cfg["budget"]:
@@ -455,7 +492,8 @@ def run_softmax_bench(classes: list[int] = DEFAULT_CLASSES, ks: list[int] = DEFA
                       methods: list[str] = SAMPLED, modes: list[str] = MODES,
                       warmup: int = 2, repeats: int = 7, teacher_topk: int = 100,
                       seed: int = 0, skip_full_above_bytes: int | None = None,
-                      threads: int | None = None) -> list[dict]:
+                      threads: int | None = None, trace_ops: bool = False,
+                      device: str = "cpu") -> list[dict]:
     """Benchmark the head step; one record per case (see the module doc for the fields).
 
     classes: class counts C; ks: draws m (cases with k >= C are skipped); batch: global
@@ -466,14 +504,19 @@ def run_softmax_bench(classes: list[int] = DEFAULT_CLASSES, ks: list[int] = DEFA
     teacher_topk: K of the synthetic top-K teacher (K = C when C <= K); seed: data,
     weights and sampling; skip_full_above_bytes: memory budget of full KD (None: half of
     MemAvailable); threads: intra-op threads per process (None: the current setting for
-    P = 1, cpu_count // P for P > 1).
+    P = 1, cpu_count // P for P > 1); trace_ops: add aten_ops / host_syncs of one step to
+    every sampled record (:func:`trace_ops`); device: "cpu" or "cuda" (CUDA: one process).
     """
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and (not torch.cuda.is_available() or list(world_sizes) != [1]):
+        raise ValueError("device cuda needs a CUDA device and world_sizes 1")
     classes, ks, world_sizes = list(classes), list(ks), list(world_sizes)
     methods, modes = list(methods), list(modes)
     _check(classes, ks, batch, dim, world_sizes, methods, modes, warmup, repeats, teacher_topk)
     cfg = {"classes": classes, "ks": ks, "batch": batch, "dim": dim, "methods": methods,
            "modes": modes, "warmup": warmup, "repeats": repeats, "teacher_topk": teacher_topk,
-           "seed": seed, "budget": memory_budget() if skip_full_above_bytes is None
+           "seed": seed, "trace_ops": trace_ops, "device": device, "budget": memory_budget() if skip_full_above_bytes is None
            else int(skip_full_above_bytes)}
     records = []
     for world in world_sizes:

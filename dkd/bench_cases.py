@@ -11,11 +11,11 @@ the features. Each step function runs one complete head step and returns what it
   Adam over all C_local × d rows).
 * :meth:`HeadBench.full_torch_step` — the same loss with the head as an ``nn.Parameter``
   and ``torch.optim.Adam`` (foreach), for reference.
-* :meth:`HeadBench.sampled_step` — sampling from the top-K teacher
-  (``sample_classes_topk`` / ``sample_stratified_topk``: draws, corrections, teacher
-  logits at the sampled columns), the local columns of this shard, features all-gathered,
-  ``logits_sampled`` (kernel path ``auto``), ``sampled_kd_loss`` (fused), backward,
-  ``apply_grads`` (lazy Adam on the touched rows). The sampling part is timed separately.
+* :meth:`HeadBench.sampled_step` — the training path itself: features all-gathered, then
+  ``SoftmaxLayer.sampled`` (the one draw, ``draw_sample_set``, from the top-K teacher,
+  the head's sampled logits, the fused sampled loss), backward, ``apply_grads`` (lazy
+  Adam on the touched rows). The layer's "sampling" region is timed separately.
+  :meth:`HeadBench.layer` builds the layer from the same ``MethodConfig`` as training.
 
 Labels and teacher data are replicated on every rank (they are all-gathered upstream,
 outside the head step); the features are all-gathered inside it, with autograd.
@@ -27,14 +27,15 @@ import time
 import torch
 
 from dkd.dist.functional import gather_rows
-from dkd.engine.softmax_layer import hybrid_loss, local_columns
+from dkd.config import MethodConfig
+from dkd.engine.softmax_layer import SoftmaxLayer
 from dkd.head.head import ShardedHead
 from dkd.head.shard import shard_bounds
 from dkd.losses.sampled import sampled_kd_loss
 from dkd.losses.softmax import full_kd_terms, mix
 from dkd.losses.targets import kd_target
 from dkd.sampling.proposals import build_proposal
-from dkd.sampling.topk_sampler import TopKTeacher, sample_classes_topk, sample_stratified_topk
+from dkd.sampling.teacher_batch import TopKTeacher
 
 TEMPERATURE, LAM = 4.0, 0.9      # the config defaults (method.temperature, method.lam)
 
@@ -80,20 +81,23 @@ class HeadBench:
     """This rank's head shard, optimizer and replicated batch for one class count."""
 
     def __init__(self, num_classes: int, batch: int, dim: int, teacher_topk: int, seed: int,
-                 group=None, world: int = 1, rank: int = 0):
+                 group=None, world: int = 1, rank: int = 0, device: str = "cpu"):
         self.C, self.B, self.d, self.group = num_classes, batch, dim, group
         self.world, self.rank = world, rank
         self.head = ShardedHead(num_classes, dim, group, init_std=0.01, seed=seed,
-                                world_size=world, rank=rank)
+                                world_size=world, rank=rank, device=device)
         self.opt = self.head.make_optimizer("adam", lr=1e-3)
         self.start, self.end = self.head.start, self.head.end
         self.bounds = shard_bounds(num_classes, world)
-        self.teacher, self.y = synthetic_topk_teacher(batch, num_classes, teacher_topk, seed + 1)
+        t, y = synthetic_topk_teacher(batch, num_classes, teacher_topk, seed + 1)
+        self.teacher = TopKTeacher(t.ids.to(device), t.logits.to(device), t.lse.to(device),
+                                   num_classes)
+        self.y = y.to(device)
         self.teacher_rest = self.teacher.rest_logit()
         g = torch.Generator().manual_seed(seed + 2)
         feats = torch.randn(batch, dim, generator=g)
         rows = torch.arange(batch).tensor_split(world)[rank]
-        self.local_feats = feats[rows].clone().requires_grad_(True)
+        self.local_feats = feats[rows].clone().to(device).requires_grad_(True)
         self.workspace: dict = {}
         self._dense_teacher = None
         self._torch_head = None
@@ -147,50 +151,37 @@ class HeadBench:
     def _fresh_teacher(self) -> TopKTeacher:
         """The batch's teacher as a new object, as the engine hands it over: top-K ids,
         logits, lse and the per-sample completion logit (computed where the teacher runs,
-        outside the head step); whatever the sampler derives from them per batch is
-        computed inside the timed step instead of being cached across repeats."""
+        outside the head step)."""
         t = self.teacher
         return TopKTeacher(t.ids, t.logits, t.lse, t.num_classes, rest=self.teacher_rest)
 
-    def _sample(self, proposal, mode, k, generator):
-        teacher = self._fresh_teacher()
-        if mode == "batch_shared" and self.world > 1:
-            s, a = sample_stratified_topk(teacher, self.y, proposal, k, self.bounds,
-                                          self.rank, generator=generator,
-                                          workspace=self.workspace)
-            return s, a, s.classes - self.start, None
-        s, a = sample_classes_topk(teacher, self.y, proposal, k, mode=mode,
-                                   generator=generator, workspace=self.workspace,
-                                   return_teacher=True)
-        if self.world == 1:
-            return s, a, s.classes, None
-        local, own = local_columns(s.classes, self.start, self.end)
-        return s, a, local, own
+    def layer(self, method: str, mode: str, k: int, total_steps: int = 10_000) -> SoftmaxLayer:
+        """The training layer of a sampled method (config defaults, T = 4, lam = 0.9)."""
+        cfg = MethodConfig(name=method, k=k, mode=mode, temperature=TEMPERATURE, lam=LAM)
+        layer = SoftmaxLayer(cfg, self.C, self.start, self.end, self.group, total_steps,
+                             seed=0)
+        layer.workspace = self.workspace      # one slot map per rank, as in training
+        return layer
 
-    def sampled_step(self, proposal, mode: str, k: int, generator) -> dict:
-        t0 = time.perf_counter()
-        s, a, local, mask = self._sample(proposal, mode, k, generator)
-        sampling_s = time.perf_counter() - t0
+    def sampled_step(self, layer: SoftmaxLayer, step: int) -> dict:
+        """One training-path head step; returns what it did (sampling time, columns, rows,
+        kernel)."""
+        spent = []
+
+        class _Clock:                          # the layer's "sampling" region, timed
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                spent.append(time.perf_counter() - self.t0)
+        layer.region = lambda name: _Clock()
         feats = self._features()
-        if s.mode == "hybrid":
-            hybrid_loss(feats, self.head, s, a, local, mask, LAM, TEMPERATURE,
-                        self.group)["loss"].backward()
-            rows = self.head._pending[-1].rows.numel() if self.head._pending else 0
-            self.head.apply_grads(self.opt)
-            return {"sampling_s": sampling_s, "cols": s.num_columns, "rows": rows,
-                    "path": self.head.last_path}
-        # batch-shared columns are unique by construction (D, then draws outside D, merged)
-        z = self.head.logits_sampled(feats, local, "auto", unique=local.dim() == 1,
-                                     owned=mask)
-        cls = s.classes if s.classes.dim() == 2 else s.classes.unsqueeze(0)
-        tgt = (cls == self.y.unsqueeze(1)) & s.deterministic
-        if mask is not None:
-            tgt = tgt & mask
-        sampled_kd_loss(z, a, s.log_correction, TEMPERATURE, LAM, tgt, mask,
-                        self.group)["loss"].backward()
+        out = layer.sampled(feats, self.head, self.y, self._fresh_teacher(), step, LAM,
+                            TEMPERATURE)
+        out["loss"].backward()
         rows = self.head._pending[-1].rows.numel() if self.head._pending else 0
         self.head.apply_grads(self.opt)
-        return {"sampling_s": sampling_s, "cols": s.num_columns, "rows": rows,
+        return {"sampling_s": sum(spent), "cols": out["n_sampled"], "rows": rows,
                 "path": self.head.last_path}
 
 

@@ -155,6 +155,8 @@ def bench_softmax(classes: str = typer.Option("751,10000,100000", help="Class co
                   repeats: int = typer.Option(7, help="Timed steps per case."),
                   teacher_topk: int = typer.Option(100, help="K of the top-K teacher data."),
                   threads: Optional[int] = typer.Option(None, help="Intra-op threads per rank."),
+                  trace_ops: bool = typer.Option(False, "--trace-ops", help="Add aten_ops / host_syncs of one head step (torch path) to each sampled record."),
+                  device: str = typer.Option("cpu", help="Device of the head step: cpu or cuda (one process)."),
                   out: Path = typer.Option(Path("bench.json"), "--out", help="JSON output; a .md table is written next to it.")):
     """Time the head step (sampling, logits, loss, backward, head update) of full KD and of
     every sampled method and mode, and its speedup over full KD in the same run."""
@@ -167,7 +169,8 @@ def bench_softmax(classes: str = typer.Option("751,10000,100000", help="Class co
         records = []
         for b in _csv(batch, int):      # every (B, d) pair has its own full-KD baseline
             for d in _csv(dim, int):
-                records += run_softmax_bench(*lists, b, d, *rest, threads=threads)
+                records += run_softmax_bench(*lists, b, d, *rest, threads=threads,
+                                             trace_ops=trace_ops, device=device)
     except ValueError as err:
         _fail(str(err))
     md = write_bench(records, str(out))

@@ -24,8 +24,10 @@ from dkd.losses.pdbs import pdbs_loss
 from dkd.losses.sampled import sampled_kd_reference
 from dkd.losses.softmax import full_kd_terms, mix
 from dkd.losses.targets import kd_target
-from dkd.sampling.proposals import build_proposal, teacher_ranking
-from dkd.sampling.sampler import sample_classes
+from dkd.config import MethodConfig
+from dkd.engine.softmax_layer import SoftmaxLayer
+from dkd.sampling.proposals import teacher_ranking
+from dkd.sampling.teacher_batch import TopKTeacher
 
 SAMPLED = ("uniform", "ftis", "teacher", "dis", "laplace")
 
@@ -70,23 +72,30 @@ def _scatter_cols(g_cols: torch.Tensor, sample_set, C: int) -> torch.Tensor:
     return full.scatter_add_(1, cls, g_cols)
 
 
+_ALIASES = {"teacher": "ftis", "laplace": "dis"}
+
+
+def training_layer(method, mode, correction, k, T, lam, top_t, C, dis_progress=0.0):
+    """The SoftmaxLayer that `dkd train` builds for this method (one process): the
+    fidelity check draws with the training path itself."""
+    cfg = MethodConfig(name=_ALIASES.get(method, method), k=k, mode=mode, top_t=top_t,
+                       correction=correction, temperature=T, lam=lam)
+    layer = SoftmaxLayer(cfg, C, 0, C, None, total_steps=10_000)
+    if layer.proposal is not None and hasattr(layer.proposal, "b2"):
+        layer.proposal.advance(round(dis_progress * layer.proposal.total_steps))
+    return layer
+
+
 def _sampled_grads(prob, method, mode, correction, k, T, lam, seed, dis_progress, top_t):
     C = prob["weight"].shape[0]
-    params = {"temperature": T} if method in ("ftis", "teacher") else {}
-    proposal = build_proposal(method, **params)
-    if method in ("dis", "laplace"):
-        proposal.advance(round(dis_progress * proposal.total_steps))
-    gen = torch.Generator().manual_seed(seed)
-    ss = sample_classes(prob["teacher"], prob["y"], proposal, k - 1 - top_t, mode=mode,
-                        top_t=top_t, correction=correction, generator=gen,
-                        ranking=prob["ranking"])
+    layer = training_layer(method, mode, correction, k - 1 - top_t, T, lam, top_t, C,
+                           dis_progress)
+    ss, _ = layer.draw(prob["topk"], prob["y"], seed)
     w = prob["weight"].clone().requires_grad_(True)
     out = sampled_kd_reference(prob["features"], w, prob["teacher"], prob["y"], ss, T, lam)
     g_cols, gw = torch.autograd.grad(out["loss"], [out["student_cols"], w])
-    if ss.mask is not None:
-        cols = float(ss.mask.sum(1).double().mean())
-    else:
-        cols = float(ss.num_columns)
+    B = prob["y"].shape[0]
+    cols = float(ss.row_mask(B).sum(1).double().mean())
     return _scatter_cols(g_cols, ss, C), gw, cols
 
 
@@ -156,6 +165,7 @@ def _run(classes, batch, ks, dim, seeds, methods, modes, corrections, temperatur
     for s in range(seeds):
         prob = make_problem(classes, batch, dim, temperature, seed=s)
         prob["ranking"] = teacher_ranking(prob["teacher"])      # sort once per problem
+        prob["topk"] = TopKTeacher.from_dense(prob["teacher"])  # the layer's teacher type
         gz_full, gw_full = _full_grads(prob, temperature, lam)
         for k in ks:
             for i, (method, mode, corr) in enumerate(

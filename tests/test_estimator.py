@@ -15,7 +15,7 @@ from dkd.losses.sampled import sampled_kd_reference, sampled_kd_terms
 from dkd.losses.softmax import full_kd_terms, mix
 from dkd.losses.targets import kd_target
 from dkd.sampling.proposals import LaplaceMixtureProposal, build_proposal, teacher_ranking
-from dkd.sampling.sampler import SampleSet, sample_classes
+from oracle_sampler import SampleSet, sample_classes
 
 
 

@@ -6,7 +6,7 @@ import torch
 
 from dkd.sampling.proposals import (LaplaceMixtureProposal, TeacherProposal, UniformProposal,
                                     build_proposal, teacher_ranking)
-from dkd.sampling.sampler import sample_classes
+from oracle_sampler import sample_classes
 
 
 

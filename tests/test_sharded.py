@@ -17,6 +17,7 @@ from dkd.config import MethodConfig
 from dkd.dist.functional import gather_rows, gather_rows_nograd
 from dkd.engine.softmax_layer import SoftmaxLayer
 from dkd.head.head import ShardedHead
+from dkd.sampling.teacher_batch import TopKTeacher
 
 C, D, B, IN = 11, 6, 12, 5   # 11 classes: uneven shards on 2 and 3 ranks
 
@@ -43,7 +44,7 @@ def _step(method: dict, group, rank: int, world: int):
     head = ShardedHead(C, D, group, init_std=0.5, seed=3)
     cfg = MethodConfig(**method)
     layer = SoftmaxLayer(cfg, C, head.start, head.end, group, total_steps=10)
-    out = layer(feats, head, y_g, t_g, t_head, torch.Generator().manual_seed(42))
+    out = layer(feats, head, y_g, TopKTeacher.from_dense(t_g, rank=False), t_head, 42)
     out["loss"].backward()
     grad_head = torch.zeros(head.num_local, D)
     for h in head._pending:
@@ -139,6 +140,6 @@ def test_sampled_methods_never_build_full_student_logits(name, mode, monkeypatch
     x, y, teacher, w_bb, _ = _problem()
     head = ShardedHead(C, D, None, init_std=0.5, seed=3)
     layer = SoftmaxLayer(MethodConfig(name=name, k=2, mode=mode), C, 0, C, None, total_steps=10)
-    out = layer(x @ w_bb.T, head, y, teacher, None, torch.Generator().manual_seed(1))
+    out = layer(x @ w_bb.T, head, y, TopKTeacher.from_dense(teacher, rank=False), None, 1)
     assert torch.isfinite(out["loss"])
     assert out["n_sampled"] < C

@@ -98,7 +98,7 @@ def assemble(cfg: RunConfig, ctx: DistContext, data: DataBundle, teacher,
     head = ShardedHead(data.num_classes, cfg.model.feature_dim, ctx.group,
                        init_std=(3 * cfg.model.feature_dim) ** -0.5, seed=cfg.seed, device=ctx.device)
     layer = SoftmaxLayer(cfg.method, data.num_classes, head.start, head.end, ctx.group,
-                         cfg.train.steps)
+                         cfg.train.steps, seed=cfg.seed)
     return TrainParts(ctx, data, teacher, getattr(teacher, "head_weight", None),
                       engine, head, head_optimizer(head, cfg), layer,
                       torch.bfloat16 if use_bf16(cfg, ctx) else torch.float32)

@@ -29,7 +29,7 @@ from dkd.engine.sync import check_proposal_sync
 from dkd.logging.progress import make_progress
 from dkd.logging.sinks import make_sinks
 from dkd.profiling.timers import RegionTimer
-from dkd.sampling.topk_sampler import TopKTeacher, completion_logit
+from dkd.sampling.teacher_batch import TopKTeacher, completion_logit
 from dkd.profiling.trace import maybe_profile
 from dkd.teacher.live import export_model
 
@@ -66,11 +66,6 @@ def maybe_inject_fault(step: int, rank: int) -> None:
         os._exit(13)
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """Sampling randomness of one step: identical on every rank and across resumes."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step + 17)
-
-
 def micro_step(p: TrainParts, cfg: RunConfig, micro: int, timer: RegionTimer) -> dict:
     """Forward and backward of one micro-batch (global micro-batch index ``micro``)."""
     ctx, group, gas = p.ctx, p.ctx.group, cfg.dist.grad_accum
@@ -98,8 +93,8 @@ def micro_step(p: TrainParts, cfg: RunConfig, micro: int, timer: RegionTimer) ->
         if isinstance(t_local, tuple):
             ids_g, val_g, lse_g, rest_g = (gather_rows_nograd(t, group, sizes) for t in t_local)
             t_g = TopKTeacher(ids_g, val_g, lse_g, p.data.num_classes, rest=rest_g)
-        elif t_local is not None:
-            t_g = gather_rows_nograd(t_local, group, sizes)
+        elif t_local is not None:   # a dense teacher is the K = C case of the same type
+            t_g = TopKTeacher.from_dense(gather_rows_nograd(t_local, group, sizes), rank=False)
     # The head and loss run on a detached fp32 copy of the features, so their forward and
     # backward are timed apart from the backbone; the backbone then receives the feature
     # gradient through the surrogate loss <feats, dL/dfeats> (the engine divides it by
@@ -107,8 +102,7 @@ def micro_step(p: TrainParts, cfg: RunConfig, micro: int, timer: RegionTimer) ->
     feats_d = feats.detach().float().requires_grad_(True)
     with timer.region("softmax_layer"):
         with timer.region("softmax_layer/forward"):
-            out = p.layer(feats_d, p.head, y_g, t_g, p.teacher_weight,
-                          step_generator(cfg.seed, micro))
+            out = p.layer(feats_d, p.head, y_g, t_g, p.teacher_weight, micro)
         with timer.region("softmax_layer/backward"):
             (out["loss"] / gas).backward()
     with timer.region("backbone_bwd"):

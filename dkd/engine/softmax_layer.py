@@ -1,15 +1,18 @@
 """The softmax layer of one step: method dispatch over the class-sharded head.
 
 Inputs are the *global* batch on every rank (features all-gathered with autograd, labels
-and teacher logits without); this rank holds the head rows [start, end). Every loss is
+and the teacher batch without); this rank holds the head rows [start, end). Every loss is
 built from column blocks with the distributed log-sum-exp of dkd.losses.softmax, so the
 same code is the single-process reference (group None) and the sharded run.
 
 Full-softmax methods compute logits for all local classes. Sampled methods (uniform,
-ftis, dis) draw one sample set from a generator seeded by (seed, step) — identical on all
-ranks without communication — and each rank computes logits only for the sampled
-classes it owns; the others are masked out of its block. PDBS selects its classes with a
-global top-k of |p - q| gathered from the shards.
+ftis, dis) take one sample set from :func:`dkd.sampling.draw.draw_sample_set`, keyed by
+(seed, step): identical on all ranks without communication, on the device, in shapes
+fixed by the settings. Each rank computes the columns of every sampled class, with the
+classes it does not own as masked placeholders on its local row 0 (stratified draws are
+already its own). So the sampled step — draw, logits, loss, backward, row update — has no
+host synchronisation and no data-dependent shape. PDBS selects its classes with a global
+top-k of |p - q| gathered from the shards.
 """
 from __future__ import annotations
 
@@ -24,10 +27,11 @@ from dkd.head.shard import shard_bounds
 from dkd.losses import targets as tg
 from dkd.losses.sampled import sampled_kd_loss
 from dkd.losses.softmax import full_kd_terms, mix, softmax_probs
+from dkd.sampling.draw import draw_sample_set
 from dkd.sampling.proposals import Proposal, build_proposal, teacher_ranking
-from dkd.sampling.sampler import SampleSet, sample_classes
-from dkd.sampling.stratified import sample_stratified
-from dkd.sampling.topk_sampler import TopKTeacher, sample_classes_topk, sample_stratified_topk
+from dkd.sampling.rng import draw_key
+from dkd.sampling.sample_set import SampleSet
+from dkd.sampling.teacher_batch import TopKTeacher
 
 
 def build_method_proposal(cfg: MethodConfig, total_steps: int) -> Proposal | None:
@@ -75,33 +79,36 @@ class SoftmaxLayer:
     """Computes the loss dict of one step; the head records the rows it touched."""
 
     def __init__(self, cfg: MethodConfig, num_classes: int, start: int, end: int, group,
-                 total_steps: int, kernel_path: str = "auto"):
+                 total_steps: int, seed: int = 0):
         self.cfg, self.C, self.start, self.end, self.group = cfg, num_classes, start, end, group
+        self.seed = seed
         self.proposal = build_method_proposal(cfg, total_steps)
-        self.kernel_path = kernel_path
-        self.workspace: dict = {}  # scratch the top-K sampler keeps across steps
+        self.workspace: dict = {}  # the sampler's slot map and cached index tensors
         # > 0: the engine hands sampled methods the teacher's top-K, not (B, C) logits.
         self.teacher_topk = (cfg.sampling_topk if cfg.name in SAMPLED_METHODS
                              and cfg.sampling_topk < num_classes else 0)
-        world = group_size(group)
-        self.bounds = shard_bounds(num_classes, world)
+        self.world = group_size(group)
+        self.bounds = shard_bounds(num_classes, self.world)
         # Sharded batch-shared sampling draws per rank (stratified) unless told otherwise.
-        self.stratified = (world > 1 and cfg.mode == "batch_shared" and cfg.stratified
+        self.stratified = (self.world > 1 and cfg.mode == "batch_shared" and cfg.stratified
                            and cfg.name in SAMPLED_METHODS)
         # Profiling hook: the engine sets this to its RegionTimer.region (null by default).
         self.region = lambda name: contextlib.nullcontext()
 
-    def __call__(self, feats, head, y, teacher_logits, teacher_weight, generator) -> dict:
+    def __call__(self, feats, head, y, teacher: TopKTeacher | None, teacher_weight,
+                 step: int) -> dict:
         """feats (B, d) global batch; head: this rank's ShardedHead (records touched rows);
-        y (B,); teacher_logits (B, C) or None; teacher_weight (C, d_t) or None (KD-sim)."""
+        y (B,); teacher: the batch's TopKTeacher or None (hard labels); teacher_weight
+        (C, d_t) or None (KD-sim); step: the (micro-)step, which keys the draws."""
         lam, T = mixing(self.cfg)
         if self.cfg.name in SAMPLED_METHODS:
-            out = self._sampled(feats, head, y, teacher_logits, generator, lam, T)
+            out = self.sampled(feats, head, y, teacher, step, lam, T)
         elif self.cfg.name == "pdbs":
-            out = self._pdbs(feats, head, y, teacher_logits, lam, T)
+            out = self._pdbs(feats, head, y, teacher.dense(), lam, T)
         else:
             z = head.logits_full(feats)                              # (B, C_local)
-            p = teacher_target(self.cfg, teacher_logits, teacher_weight, y, self.C)
+            dense = None if teacher is None else teacher.dense()
+            p = teacher_target(self.cfg, dense, teacher_weight, y, self.C)
             p = None if p is None else p[:, self.start:self.end]
             terms = full_kd_terms(z, p, y if lam < 1 else None, T, self.group, self.start)
             out = mix(terms, lam, T)
@@ -109,65 +116,40 @@ class SoftmaxLayer:
         return out
 
     # -- sampled methods -------------------------------------------------------------
-    def _draw(self, teacher_logits, y, generator):
-        """The step's sample set and the teacher logits at its columns, (B, n).
-
-        With C > method.sampling_topk the engine passes the teacher as a TopKTeacher (its
-        top-K per sample, computed where the teacher runs, and the log-sum-exp), with the
-        KD-topk completion for the other classes: sampling then costs O(B K + B n), no
-        B x C sort, and ranks beyond K are exchangeable, as in a top-K store.
-        """
+    def draw(self, teacher: TopKTeacher, y: torch.Tensor, step: int):
+        """The step's (SampleSet, teacher logits at its columns (B, n)): the one draw that
+        training, the benchmark and the fidelity check share."""
         cfg = self.cfg
-        if isinstance(teacher_logits, TopKTeacher):
-            t = teacher_logits
-            if self.stratified:
-                return sample_stratified_topk(t, y, self.proposal, cfg.k, self.bounds,
-                                              group_rank(self.group), top_t=cfg.top_t,
-                                              correction=cfg.correction, generator=generator,
-                                              workspace=self.workspace)
-            return sample_classes_topk(t, y, self.proposal, cfg.k, mode=cfg.mode,
-                                       top_t=cfg.top_t, correction=cfg.correction,
-                                       generator=generator, workspace=self.workspace,
-                                       return_teacher=True)
-        if self.stratified:
-            s = sample_stratified(teacher_logits, y, self.proposal, cfg.k, self.bounds,
-                                  group_rank(self.group), top_t=cfg.top_t,
-                                  correction=cfg.correction, generator=generator)
-        else:
-            s = sample_classes(teacher_logits, y, self.proposal, cfg.k, mode=cfg.mode,
-                               top_t=cfg.top_t, correction=cfg.correction, generator=generator)
-        return s, s.gather(teacher_logits)
+        shard = (self.bounds, group_rank(self.group)) if self.stratified else None
+        return draw_sample_set(teacher, y, self.proposal, cfg.k, mode=cfg.mode,
+                               top_t=cfg.top_t, correction=cfg.correction,
+                               key=draw_key(self.seed, step), shard=shard,
+                               workspace=self.workspace)
 
-    def _sampled(self, feats, head, y, teacher_logits, generator, lam, T):
+    def sampled(self, feats, head, y, teacher, step: int, lam: float, T: float) -> dict:
         with self.region("sampling"):
-            s, a = self._draw(teacher_logits, y, generator)
+            s, a = self.draw(teacher, y, step)
             local, own = local_columns(s.classes, self.start, self.end)
-            o = s.log_correction
-        if s.mode == "hybrid":
-            one = group_size(self.group) == 1
-            out = hybrid_loss(feats, head, s, a, local, None if one else own, lam, T,
-                              self.group)
-            out["n_sampled"] = s.num_columns
-            out["kernel_path"] = head.last_path
-            return out
-        if s.classes.dim() == 1:
-            # batch_shared: keep only owned columns, so this rank's GEMM is (B, d)(d, n_s).
-            keep = own.nonzero().squeeze(1)
-            local, o, a = local[keep], o[keep], a[:, keep]
-            classes = s.classes[keep].unsqueeze(0)
-            mask = None
-            o = o.unsqueeze(0).expand(len(y), -1)
+        sharded = self.world > 1
+        mask = s.mask
+        if sharded:
+            mask = own if mask is None else own & mask
+        tgt = None
+        if s.mode == "batch_shared":
+            z = head.logits_sampled(feats, local, touch=mask if sharded else None)
+            if lam < 1:
+                tgt = (s.classes.unsqueeze(0) == y.long().unsqueeze(1)) & s.deterministic
+                tgt = tgt if mask is None else tgt & mask
         else:
-            classes = s.classes
-            mask = own if s.mask is None else (own & s.mask)
-        # Only columns used by some row touch a row (placeholders of other ranks' classes
-        # sit on local row 0, masked; see RowGrad.restrict).
-        owned = None if s.mask is None and group_size(self.group) == 1 else mask
-        z = head.logits_sampled(feats, local, self.kernel_path, owned=owned)
-        tgt = (classes == y.unsqueeze(1)) if lam < 1 else None
-        if tgt is not None and mask is not None:
-            tgt = tgt & mask & s.deterministic
-        out = sampled_kd_loss(z, a, o, T, lam, tgt, mask, self.group)
+            nd = s.shared_from if s.mode == "hybrid" else s.num_columns
+            touch = None
+            if sharded:
+                touch = torch.cat([own[:, :nd].reshape(-1), own[0, nd:]])
+            z = head.logits_hybrid(feats, local[:, :nd], local[0, nd:], touch)
+            if lam < 1:   # column 0 of D_b is the row's target
+                tgt = torch.arange(s.num_columns, device=y.device) == 0
+                tgt = tgt.unsqueeze(0) if not sharded else tgt & own
+        out = sampled_kd_loss(z, a, s.log_correction, T, lam, tgt, mask, self.group)
         out["n_sampled"] = s.num_columns
         out["kernel_path"] = head.last_path
         return out
@@ -180,9 +162,10 @@ class SoftmaxLayer:
             p = softmax_probs(a_local / T, self.group)
             q = softmax_probs(z.detach() / T, self.group)
             score = (p - q).abs()
-            own_y = (y >= self.start) & (y < self.end)
-            rows = own_y.nonzero().squeeze(1)
-            score[rows, y[rows] - self.start] = float("inf")        # target always kept
+            own_y = ((y >= self.start) & (y < self.end)).unsqueeze(1)
+            at_y = torch.zeros_like(score, dtype=torch.bool).scatter_(
+                1, (y - self.start).clamp(0, score.shape[1] - 1).unsqueeze(1), own_y)
+            score = score.masked_fill(at_y, float("inf"))           # target always kept
             classes = _global_topk(score, self.cfg.k, self.start, self.group)  # (B, k)
         local, own = local_columns(classes, self.start, self.end)
         zc, ac = z.gather(1, local), a_local.gather(1, local)
@@ -193,30 +176,6 @@ class SoftmaxLayer:
         out["ranks"] = ranks
         out["n_sampled"] = self.cfg.k
         return out
-
-
-def hybrid_loss(feats, head, s: SampleSet, a, local, own, lam: float, T: float, group) -> dict:
-    """The mixed loss of a hybrid sample set [D_b | shared draws] on this rank's shard.
-
-    local (B, n): local row ids of s.classes (placeholders on row 0, see local_columns);
-    own (B, n) bool: which of them this rank holds, or None when it holds all (one shard). D_b columns are masked where
-    another rank owns them; of the shared draws this rank keeps only those it owns, so
-    its GEMM is (B, d)(d, u_local). a: teacher logits at s.classes (B, n).
-    """
-    nd, mask, o = s.shared_from, s.mask, s.log_correction
-    if own is None:
-        z = head.logits_hybrid(feats, local[:, :nd], local[0, nd:])
-    else:
-        keep = own[0, nd:].nonzero().squeeze(1) + nd
-        cols = torch.cat([torch.arange(nd, device=keep.device), keep])
-        mask = (own & mask).index_select(1, cols)
-        z = head.logits_hybrid(feats, local[:, :nd], local[0, keep], row_owned=mask[:, :nd])
-        o, a = o.index_select(1, cols), a.index_select(1, cols)
-    tgt = None
-    if lam < 1:   # column 0 of D_b is the target
-        tgt = torch.zeros_like(mask)
-        tgt[:, 0] = mask[:, 0]
-    return sampled_kd_loss(z, a, o, T, lam, tgt, mask, group)
 
 
 def local_columns(classes: torch.Tensor, start: int, end: int):

@@ -90,30 +90,27 @@ class ShardedHead(nn.Module):
 
     def logits_sampled(self, features: torch.Tensor, local_cols: torch.Tensor,
                        path: str = "auto", unique: bool = False,
-                       owned: torch.Tensor | None = None) -> torch.Tensor:
+                       touch: torch.Tensor | None = None) -> torch.Tensor:
         """(B, d) and local row ids (n,) or (B, k) -> (B, n) or (B, k) logits.
 
         unique: promise that 1-D ``local_cols`` has no duplicates (skips the optimizer's
-        duplicate coalescing). owned: bool mask like ``local_cols`` of the columns this
-        shard really holds (the others are placeholders, masked in the loss): only
-        their rows count as touched. The kernel that ran is in ``self.last_path``.
+        duplicate coalescing). touch: bool mask like 1-D ``local_cols`` of the columns whose
+        rows this step may update (the others are placeholders of classes other ranks own,
+        masked in the loss). The kernel that ran is in ``self.last_path``.
         """
-        logits, handle = sampled_logits(features, self.weight, local_cols, path, unique=unique)
-        if owned is not None:
-            handle.restrict(local_cols[owned])
+        logits, handle = sampled_logits(features, self.weight, local_cols, path, unique=unique,
+                                        touch=touch)
         self._record(handle)
         return logits
 
     def logits_hybrid(self, features: torch.Tensor, row_cols: torch.Tensor,
                       shared_cols: torch.Tensor,
-                      row_owned: torch.Tensor | None = None) -> torch.Tensor:
+                      touch: torch.Tensor | None = None) -> torch.Tensor:
         """(B, d), per-row local ids (B, nd) and shared local ids (u,) -> (B, nd + u).
 
-        row_owned: bool mask like ``row_cols`` of the per-row columns this shard holds (as
-        ``owned`` of :meth:`logits_sampled`); the shared ids must all be owned."""
-        logits, handle = hybrid_logits(features, self.weight, row_cols, shared_cols)
-        if row_owned is not None:
-            handle.restrict(torch.cat([row_cols[row_owned], shared_cols]))
+        touch: bool mask over [row_cols.flatten(), shared_cols] (as in
+        :meth:`logits_sampled`). Per-sample mode is the case u = 0."""
+        logits, handle = hybrid_logits(features, self.weight, row_cols, shared_cols, touch)
         self._record(handle)
         return logits
 
@@ -130,12 +127,13 @@ class ShardedHead(nn.Module):
         if optimizer.weight is not self.weight:
             raise ValueError("optimizer must be built on this head's weight (build it after "
                              "moving the head to its device)")
-        split = self._pending[0].split() if len(self._pending) == 1 else None
+        one = self._pending[0] if len(self._pending) == 1 else None
+        split = one.split() if one is not None else None
         if split is not None:
             # one hybrid call: dense + factored rows, summed by the optimizer itself
             self._pending.clear()
             rows_d, g_d, factored = split
-            optimizer.step(rows_d, g_d, lr, factored=factored)
+            optimizer.step(rows_d, g_d, lr, factored=factored, touch=one.touch)
             return rows_d.numel() + factored[0].numel()
         got = [(h, h.collect()) for h in self._pending]
         got = [(h, rg) for h, rg in got if rg is not None]
@@ -149,19 +147,25 @@ class ShardedHead(nn.Module):
         if any(rows is None for _, (rows, _g) in got):
             # A full-softmax call touched every row: the step is dense anyway.
             dense = torch.zeros_like(self.weight)
-            for _, (rows, g) in got:
+            for h, (rows, g) in got:
                 if rows is None:
                     dense.add_(g)
                 else:
+                    if h.touch is not None:
+                        g = g * h.touch.unsqueeze(1)
                     dense.index_add_(0, rows, g)
             optimizer.step(None, dense, lr)
             return self.num_local
         if len(got) == 1:
             h, (rows, g) = got[0]
-            optimizer.step(rows, g, lr, unique=h.unique)
+            optimizer.step(rows, g, lr, unique=h.unique, touch=h.touch)
             return rows.numel()
         rows = torch.cat([rg[0] for _, rg in got])
-        optimizer.step(rows, torch.cat([rg[1] for _, rg in got]), lr, unique=False)
+        touch = None
+        if any(h.touch is not None for h, _ in got):
+            touch = torch.cat([torch.ones_like(rg[0], dtype=torch.bool) if h.touch is None
+                               else h.touch for h, rg in got])
+        optimizer.step(rows, torch.cat([rg[1] for _, rg in got]), lr, unique=False, touch=touch)
         return rows.numel()
 
     # ---------------------------------------------------------------- checkpoints

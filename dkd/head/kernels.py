@@ -60,11 +60,18 @@ class RowGrad:
     """
 
     def __init__(self, rows, path: str, unique: bool, leaf: torch.Tensor | None = None,
-                 active: bool | None = None):
+                 active: bool | None = None, touch: torch.Tensor | None = None):
         self.rows, self.path, self.unique, self.leaf = rows, path, unique, leaf
         self.active = leaf.requires_grad if active is None else active  # grad can arrive
         self._grad: torch.Tensor | None = None
-        self._touched: torch.Tensor | None = None  # set by restrict()
+        # touch: bool mask like ``rows`` (None: all). A sharded rank computes placeholder
+        # columns on rows it does not own (masked out of the loss); their zero gradient must
+        # not count as a touch, or the lazy optimizer would step those rows with stale
+        # moments. A mask, not a compaction: shapes stay fixed.
+        if touch is not None and rows is not None and touch.shape != rows.shape:
+            raise ValueError(f"touch must have the shape of rows {tuple(rows.shape)}, got "
+                             f"{tuple(touch.shape)}")
+        self.touch = touch
         # hybrid: (rows_d (u,), grad_d (u, d), (rows_f, coef, src, x)) with rows =
         # [rows_f, rows_d]: the per-sample rows' gradients coef[i]·x[src[i]] kept factored
         self._split = None
@@ -91,35 +98,21 @@ class RowGrad:
             self._grad, self._split = old + self.grad, None
 
     def split(self):
-        """(rows_d, grad_d, factored) for the optimizer to sum itself, or None (no split
-        gradient, or restricted: then use :meth:`collect`)."""
+        """(rows_d, grad_d, factored) for the optimizer to sum itself (rows = [factored
+        rows, rows_d], the order of ``touch``), or None (no split gradient)."""
         if self._split is not None:
             self._check_source()
-        return self._split if self._touched is None else None
+        return self._split
 
     def _check_source(self) -> None:
         if self._split[2][3]._version != self._x_version:
             raise RuntimeError("the features of a hybrid logits call were modified in place "
                                "between its backward and the head update")
 
-    def restrict(self, touched: torch.Tensor) -> None:
-        """Hand the optimizer only ``touched`` (local ids) of this call's rows.
-
-        A sharded rank computes some columns it does not own (placeholders on one of its
-        rows, masked out of the loss); their zero gradient must not count as a touch, or the
-        lazy optimizer would step those rows with their stale moments.
-        """
-        self._touched = touched
-
     def collect(self):
         """(rows, grad (u, d)) after backward; None if no gradient reached these rows."""
         g = self.grad
-        if g is None:
-            return None
-        if self._touched is None or self.rows is None:
-            return self.rows, g
-        keep = torch.isin(self.rows, self._touched).nonzero().squeeze(1)
-        return self.rows.index_select(0, keep), g.index_select(0, keep)
+        return None if g is None else (self.rows, g)
 
     def __repr__(self) -> str:
         u = "all" if self.rows is None else self.rows.numel()
@@ -251,7 +244,8 @@ def _check(features: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor) -> 
 
 
 def sampled_logits(features: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor,
-                   path: str = "auto", balance: float | None = None, unique: bool = False):
+                   path: str = "auto", balance: float | None = None, unique: bool = False,
+                   touch: torch.Tensor | None = None):
     """Logits of the sampled classes and a handle to their row gradient.
 
     features: (B, d), may require grad; weight: (C_local, d), never receives ``.grad``;
@@ -271,7 +265,8 @@ def sampled_logits(features: torch.Tensor, weight: torch.Tensor, cols: torch.Ten
         if path not in ("auto", "batch_shared"):
             raise ValueError(f"path {path!r} needs per-sample cols (B, k); got shape (n,)")
         leaf = _leaf(weight, cols)                      # (n, d)
-        return features @ leaf.t(), RowGrad(cols, "batch_shared", unique=bool(unique), leaf=leaf)
+        return features @ leaf.t(), RowGrad(cols, "batch_shared", unique=bool(unique), leaf=leaf,
+                                            touch=touch)
     if path == "batch_shared":
         raise ValueError("path 'batch_shared' needs one shared class set cols (n,)")
     B, k = cols.shape
@@ -351,9 +346,9 @@ class _HybridLogits(torch.autograd.Function):
                 g_feat.add_(g_r * w[:, 0] if nd == 1 else torch.bmm(g_r.unsqueeze(1), w).squeeze(1))
         if ctx.needs_input_grad[1]:
             h = ctx.handle
-            src = torch.arange(B, device=grad.device)
-            if nd != 1:
-                src = src.repeat_interleave(nd)
+            # source row of each per-row entry, b repeated nd times (an expand: no
+            # data-dependent repeat_interleave)
+            src = torch.arange(B, device=grad.device).unsqueeze(1).expand(B, nd).reshape(-1)
             # per-sample rows stay factored, g_r[b, j]·φ_b: the optimizer sums them into
             # their rows without a (B·nd, d) tensor ever being written
             h.set_split(h.rows[B * nd:], g_s.t() @ features,
@@ -362,7 +357,7 @@ class _HybridLogits(torch.autograd.Function):
 
 
 def hybrid_logits(features: torch.Tensor, weight: torch.Tensor, row_cols: torch.Tensor,
-                  shared_cols: torch.Tensor):
+                  shared_cols: torch.Tensor, touch: torch.Tensor | None = None):
     """Logits of per-row columns and batch-shared columns: (B, nd + u), and their handle.
 
     row_cols (B, nd): local row ids of each sample's own columns (the hybrid estimator's
@@ -370,7 +365,7 @@ def hybrid_logits(features: torch.Tensor, weight: torch.Tensor, row_cols: torch.
     The row part is a per-sample dot, the shared part one GEMM as ``batch_shared``
     (:class:`_HybridLogits`). The handle's rows are [row_cols.flatten(), shared_cols],
     repeats included (targets shared by samples): ``unique`` is False and the optimizer
-    sums them. No collective.
+    sums them. touch: optional bool mask over those rows (see RowGrad). No collective.
     """
     _check(features, weight, row_cols)
     _check(features, weight, shared_cols)
@@ -380,7 +375,7 @@ def hybrid_logits(features: torch.Tensor, weight: torch.Tensor, row_cols: torch.
     row_cols, shared_cols = row_cols.long().contiguous(), shared_cols.long()
     grad_on = torch.is_grad_enabled()
     handle = RowGrad(torch.cat([row_cols.reshape(-1), shared_cols]), "hybrid", unique=False,
-                     active=grad_on)
+                     active=grad_on, touch=touch)
     anchor = features.new_zeros((), requires_grad=grad_on)
     logits = _HybridLogits.apply(features, anchor, weight.detach(), row_cols, shared_cols,
                                  handle)

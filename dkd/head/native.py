@@ -83,12 +83,7 @@ def _build() -> ctypes.CDLL:
                               P, P], I),
             ("dkd_gather_dot", [P, I, P, P, I, P, I, I, I], N),
             ("dkd_gather_axpy", [P, P, I, P, I, P, I, I, I], N),
-            ("dkd_sampled_loss", [P, P, P, I, P, I, P, I, I, I, D, D, P, P], None),
-            ("dkd_rbar_topk", [P, P, I, P, D, I, I, I, P], N),
-            ("dkd_topk_lookup", [P, P, P, P, I, I, P, I, P, I, I, P, P], N),
-            ("dkd_target_pos", [P, I, I, P, P], None),
-            ("dkd_tail_clash", [P, I, I, P, P, I, P, P, I, I, P, P], N),
-            ("dkd_shared_lookup", [P, P, P, P, I, P, D, I, I, P, I, P, I, I, P, P], N)):
+            ("dkd_sampled_loss", [P, P, P, I, P, I, P, I, I, I, D, D, P, P], None)):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
     return lib
@@ -252,109 +247,9 @@ def sampled_loss(z: torch.Tensor, a: torch.Tensor, o: torch.Tensor, keep, tgt, T
     return grad, out[0], out[1]
 
 
-def _stamp(stamp, num_classes: int) -> tuple[torch.Tensor, int]:
-    """Check an epoch-stamped slot map (slot (≥ C,) int64, base): this call's entries are
-    base + j, anything below base is stale (dkd/sampling/topk_sampler.py ``_slot_map``)."""
-    slot, base = stamp
-    if slot.numel() < num_classes or slot.dtype != torch.int64:
-        raise ValueError(f"slot must be int64 with >= {num_classes} entries, got "
-                         f"{slot.dtype} {slot.numel()}")
-    return slot, int(base)
-
-
 def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
-def rbar_topk(ids: torch.Tensor, pk: torch.Tensor, tail: torch.Tensor,
-              num_classes: int) -> torch.Tensor:
-    """(C,) float64 r̄(c) = mean_b tail_b + Σ_{b: c in top-K_b} (pk_b(c) − tail_b) / B from
-    ids (B, K) int64, pk (B, K) or (1, K) float64 and tail (B,) float64."""
-    B, K = ids.shape
-    pk = pk.contiguous()
-    out = torch.empty(num_classes, dtype=torch.float64)
-    tail = tail.contiguous()
-    _ok(_lib.dkd_rbar_topk(ids.data_ptr(), pk.data_ptr(), 0 if pk.shape[0] == 1 else K,
-                           tail.data_ptr(), float(tail.mean()), B, K, num_classes,
-                           out.data_ptr()), "teacher ids", num_classes)
-    return out
-
-
-def topk_lookup(ids, logits, rest, y, draws, stamp,
-                num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(teacher logits at [y_b, draws] (B, 1 + u) float32, in_d (B, u) bool: draw j is
-    row b's target) from a top-K teacher: ids (B, K) int64, logits (B, K) float32, rest (B,)
-    float64 completion logits, y (B,) int64, draws (u,) int64 distinct; stamp: (slot, base)
-    (see :func:`_stamp`); ids and draws must be < num_classes."""
-    B, K = ids.shape
-    _check_y(y, B)
-    slot, base = _stamp(stamp, num_classes)
-    u = draws.numel()
-    out = torch.empty((B, 1 + u), dtype=torch.float32)
-    in_d = torch.empty((B, u), dtype=torch.bool)
-    _ok(_lib.dkd_topk_lookup(ids.data_ptr(), logits.data_ptr(), rest.data_ptr(), y.data_ptr(),
-                             B, K, draws.data_ptr(), u, slot.data_ptr(), base, num_classes,
-                             out.data_ptr(), in_d.data_ptr()), "teacher ids or draws",
-        num_classes)
-    return out, in_d
-
-
-def _check_y(y: torch.Tensor, B: int) -> None:
-    if y.shape != (B,):
-        raise ValueError(f"y must have shape ({B},), got {tuple(y.shape)}")
-
-
-def target_pos(ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(B,) int64 column of y_b in row b of ids (B, K) int64 (distinct per row), K if absent."""
-    B, K = ids.shape
-    _check_y(y, B)
-    pos = torch.empty(B, dtype=torch.int64)
-    _lib.dkd_target_pos(ids.data_ptr(), B, K, y.data_ptr(), pos.data_ptr())
-    return pos
-
-
-def tail_clash(ids, y, cand, is_tail, stamp, num_classes: int) -> torch.Tensor:
-    """(B, m) bool: is_tail[b, j] and cand[j] is in row b's top-K (ids (B, K)) or is y_b;
-    all int64 / bool, contiguous; stamp: (slot, base) (see :func:`_stamp`)."""
-    B, K = ids.shape
-    m = cand.numel()
-    _check_y(y, B)
-    slot, base = _stamp(stamp, num_classes)
-    if is_tail.shape != (B, m):
-        raise ValueError(f"is_tail must have shape ({B}, {m}), got {tuple(is_tail.shape)}")
-    bad = torch.empty((B, m), dtype=torch.bool)
-    nxt = torch.empty(m, dtype=torch.int64)
-    _ok(_lib.dkd_tail_clash(ids.data_ptr(), B, K, y.data_ptr(), cand.data_ptr(), m,
-                            is_tail.data_ptr(), slot.data_ptr(), base, num_classes,
-                            nxt.data_ptr(),
-                            bad.data_ptr()), "teacher ids or candidates", num_classes)
-    return bad
-
-
-def shared_lookup(ids, logits, rest, pk, tail, cls, stamp, num_classes: int,
-                  want_logits: bool = True):
-    """At distinct classes cls (n,) int64 of a top-K teacher (ids (B, K) int64, logits (B, K)
-    float32, rest (B,) float64 completion logits): (teacher logits (B, n) float32 or None,
-    r̄(c) = mean_b tail_b + Σ_{b: c in top-K_b} (pk_b(c) − tail_b) / B, clamped to 1e-300,
-    (n,) float64, or None when pk is None); pk (B, K) or (1, K) float64, tail (B,) float64.
-    stamp: (slot, base) (see :func:`_stamp`)."""
-    B, K = ids.shape
-    n = cls.numel()
-    slot, base = _stamp(stamp, num_classes)
-    a = torch.empty((B, n), dtype=torch.float32) if want_logits else None
-    rbar = None
-    tm, ldp = 0.0, 0
-    if pk is not None:
-        pk, tail = pk.contiguous(), tail.contiguous()
-        rbar = torch.empty(n, dtype=torch.float64)
-        tm, ldp = float(tail.mean()), (0 if pk.shape[0] == 1 else K)
-    _ok(_lib.dkd_shared_lookup(ids.data_ptr(), logits.data_ptr(), rest.data_ptr(), _ptr(pk),
-                               ldp, _ptr(tail), tm, B, K, cls.data_ptr(), n, slot.data_ptr(),
-                               base, num_classes, _ptr(a), _ptr(rbar)), "teacher ids or classes",
-        num_classes)
-    return a, rbar
-
-
 __all__ = ["available", "status", "supports", "disabled", "row_adam", "gather_dot",
-           "gather_axpy_", "sampled_loss", "rbar_topk", "topk_lookup", "target_pos",
-           "tail_clash", "shared_lookup"]
+           "gather_axpy_", "sampled_loss"]

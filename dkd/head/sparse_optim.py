@@ -14,11 +14,12 @@ global count would instead treat a fresh row's nearly-empty moments as fully war
 When every step touches the same rows, the result on those rows equals the dense
 torch.optim (SGD with momentum / Adam / AdamW) run on those rows alone.
 
-Duplicates in ``rows`` are allowed and their gradients are summed (the hybrid kernel
-reports one row per target occurrence). That is done without a sort: a persistent
-(C_local,) slot map sends every duplicate to one representative position, the
-representatives get compact ids, the gradients are index_add-ed there, and the step then
-runs on unique rows. ``rows=None`` means a dense step over all rows.
+Duplicates in ``rows`` are allowed and their gradients are summed (the sampler keeps
+repeated classes as columns). That is done in fixed shapes, without a sort or ``unique``:
+a persistent (C_local,) slot map gives each entry the first entry naming its row
+(scatter-amin), the gradients are index_add-ed there and read back by every repeat, so
+all repeats compute the same new row and write back the same values. A ``touch`` mask
+leaves placeholder entries' rows as they were. ``rows=None`` means a dense step.
 """
 from __future__ import annotations
 
@@ -94,13 +95,16 @@ class SparseRowOptimizer:
     # ---------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, rows: torch.Tensor | None, grad: torch.Tensor, lr: float | None = None,
-             unique: bool = False, factored=None) -> None:
+             unique: bool = False, factored=None, touch: torch.Tensor | None = None) -> None:
         """Update ``rows`` (u,) of the weight with ``grad`` (u, d); rows=None: all rows.
 
         unique=True promises that ``rows`` has no duplicates and skips coalescing.
         factored: optional (rows_f (n,), coef (n,), src (n,), x (·, d)), more gradient rows
         given as coef[i] · x[src[i]] for row rows_f[i] (the hybrid kernel's per-sample
-        rows); summed with the others. Neither ``grad`` nor ``factored`` is modified.
+        rows); summed with the others. touch: optional bool mask over [rows_f, rows]
+        (factored first): a row is stepped iff some entry of it is touched (sharded runs
+        compute placeholder columns on rows they must not step). Neither ``grad`` nor
+        ``factored`` is modified. Every shape is fixed by the inputs' (no host reads).
         """
         lr = self.lr if lr is None else float(lr)
         if rows is None:
@@ -113,30 +117,53 @@ class SparseRowOptimizer:
         if grad.shape != (rows.shape[0], self.weight.shape[1]):
             raise ValueError(f"grad must have shape ({rows.shape[0]}, {self.weight.shape[1]}),"
                              f" got {tuple(grad.shape)}")
+        n_f = 0
         if factored is not None:
             factored = self._check_factored(factored)
-            unique = False
-        if rows.numel() == 0 and (factored is None or factored[0].numel() == 0):
+            unique, n_f = False, factored[0].numel()
+        if touch is not None and touch.shape != (n_f + rows.numel(),):
+            raise ValueError(f"touch must have shape ({n_f + rows.numel()},), got "
+                             f"{tuple(touch.shape)}")
+        if rows.numel() == 0 and n_f == 0:
             return
         rows, grad = rows.long(), grad.to(self.weight.dtype)
-        if self._native_step(rows, grad, lr, unique, factored):
+        if self._native_step(rows, grad, lr, unique, factored, touch):
             return
         if factored is not None:                # the torch path: materialise them
             rows = torch.cat([factored[0], rows])
             grad = torch.cat([factored_rows(factored), grad])
+        self._sparse_step(rows, grad, lr, unique, touch)
+
+    def _sparse_step(self, rows, grad, lr, unique, touch) -> None:
+        """Fixed-shape row step: repeats of a row share their summed gradient (a segment
+        sum onto each row's first entry), every entry computes the same new row from the
+        same old state, and all entries are written back (identical values, so the result
+        does not depend on which write lands last). Untouched rows keep their old values."""
         if not unique:
-            rows, grad = self._coalesce(rows, grad)
-        coef = self._row_coefficients(rows, lr)
-        # Chunks keep the gathered rows cache-resident through the update's passes.
+            rep = self._first_entry(rows)
+            grad = torch.zeros_like(grad).index_add_(0, rep, grad).index_select(0, rep)
+            if touch is not None:
+                hits = torch.zeros(rows.shape, dtype=grad.dtype, device=rows.device)
+                touch = hits.index_add_(0, rep, touch.to(grad.dtype)).index_select(0, rep) > 0
+        coef = self._row_coefficients(rows, lr, touch)
+        # Chunks keep the gathered rows cache-resident through the update's passes; rows
+        # with repeats are stepped in one piece (a later chunk must not read a row an
+        # earlier chunk already wrote).
         u = rows.numel()
-        n = min(self._chunk or u, u)
+        n = min(self._chunk or u, u) if unique else u
         for i in range(0, u, n):
-            r, g, c = rows, grad, coef
+            r, g, c, tm = rows, grad, coef, touch
             if n < u:                   # slicing costs ops; a single chunk needs none
                 r, g = rows[i:i + n], grad[i:i + n]
                 c = coef and tuple(x[i:i + n] for x in coef)
-            work = self._gather(r, with_param=self._needs_param())
+                tm = None if touch is None else touch[i:i + n]
+            work = self._gather(r, with_param=self._needs_param() or tm is not None)
+            old = None if tm is None else {k: v.clone() for k, v in work.items() if k != "denom"}
             self._update(work, g, lr, c)
+            if old is not None:
+                keep = tm.unsqueeze(1)
+                for k, v in old.items():
+                    torch.where(keep, work[k], v, out=work[k])
             if "param" in work:
                 self.weight.index_copy_(0, r, work["param"])
             elif c is not None:         # Adam without decay: add -lr·m/den to the rows
@@ -144,6 +171,13 @@ class SparseRowOptimizer:
             for k, buf in work.items():
                 if k in self.state:
                     self.state[k].index_copy_(0, r, buf)
+
+    def _first_entry(self, rows: torch.Tensor) -> torch.Tensor:
+        """(u,) index of the first entry of ``rows`` naming the same row (a scatter-amin
+        into the persistent slot map: deterministic, no sort, never cleared)."""
+        pos = torch.arange(rows.numel(), device=rows.device)
+        self._slot.scatter_reduce_(0, rows, pos, "amin", include_self=False)
+        return self._slot.index_select(0, rows)
 
     def _dense_step(self, grad: torch.Tensor, lr: float) -> None:
         if grad.shape != self.weight.shape:
@@ -178,7 +212,7 @@ class SparseRowOptimizer:
         return (rows_f.long(), coef.to(self.weight.dtype), src.long(), x.to(self.weight.dtype))
 
     def _native_step(self, rows: torch.Tensor | None, grad: torch.Tensor, lr: float,
-                     unique: bool = True, factored=None) -> bool:
+                     unique: bool = True, factored=None, touch=None) -> bool:
         """Adam / AdamW on float32 host tensors: the whole step, duplicates summed, in one
         C pass over the rows (dkd/head/native.py), in place, no gathers. False where it
         does not apply (other kinds, dtypes or devices, lr = 0, kernels unavailable): the
@@ -194,6 +228,15 @@ class SparseRowOptimizer:
         tensors += [t for t in (rows, *(factored or ())) if t is not None]
         if not native.supports(*tensors) or not native.available():
             return False
+        if touch is not None:   # host tensors: compacting the touched entries costs no sync
+            n_f = 0 if factored is None else factored[0].numel()
+            keep_d = touch[n_f:]
+            rows, grad = rows[keep_d].contiguous(), grad[keep_d].contiguous()
+            if factored is not None:
+                keep_f = touch[:n_f]
+                factored = (factored[0][keep_f].contiguous(), factored[1][keep_f].contiguous(),
+                            factored[2][keep_f].contiguous(), factored[3])
+            unique = False
         native.row_adam(self.weight, st["exp_avg"], st["exp_avg_sq"], st["step"], rows, grad,
                         lr, self.betas, self.eps, self.weight_decay,
                         decoupled=self.kind == "adamw",
@@ -202,7 +245,7 @@ class SparseRowOptimizer:
         self.last_impl = "native"
         return True
 
-    def _row_coefficients(self, rows: torch.Tensor | None, lr: float):
+    def _row_coefficients(self, rows: torch.Tensor | None, lr: float, touch=None):
         """Adam only: bump the per-row step counts t of ``rows`` (None: all) and return the
         (u, 1) factors (a_t, e_t) of ``_update``; None for SGD or lr = 0.
 
@@ -218,8 +261,9 @@ class SparseRowOptimizer:
         step = self.state["step"]
         if rows is None:
             t = step.add_(1.0)
-        else:  # rows are unique here (step coalesces first)
-            t = step.index_select(0, rows).add_(1.0)
+        else:  # repeats read the same count and write the same new one
+            t = step.index_select(0, rows)
+            t = t.add_(1.0) if touch is None else t.add_(touch.to(t.dtype))
             step.index_copy_(0, rows, t)
         self._max_t += 1                  # an upper bound of every t, without a sync
         if lr == 0.0:
@@ -272,19 +316,6 @@ class SparseRowOptimizer:
     def release_scratch(self) -> None:
         """Free the per-step scratch buffers (they are re-made on the next step)."""
         self._scratch = None
-
-    def _coalesce(self, rows: torch.Tensor, grad: torch.Tensor):
-        """Unique rows (u,) and their summed gradients (u, d), without a sort: the slot map
-        sends every duplicate to one winner position (whichever write landed last), the
-        winners get compact ids in order of position, and the gradients are index_add-ed."""
-        pos = torch.arange(rows.numel(), device=rows.device)
-        self._slot.index_copy_(0, rows, pos)
-        slot = self._slot.index_select(0, rows)     # each duplicate -> its winner position
-        win = slot == pos
-        compact = win.cumsum(0).sub_(1).index_select(0, slot)
-        uniq = rows[win]
-        summed = grad.new_zeros((uniq.numel(), grad.shape[1])).index_add_(0, compact, grad)
-        return uniq, summed
 
     def _update(self, w: dict[str, torch.Tensor], g: torch.Tensor, lr: float, coef) -> None:
         """In place on the working rows ``w`` (param and state, (u, d) each) given ``g``.

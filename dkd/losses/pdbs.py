@@ -14,7 +14,7 @@ import torch
 from dkd.losses.sampled import sampled_kd_terms
 from dkd.losses.softmax import _check_temperature, mix
 from dkd.sampling.proposals import teacher_ranking
-from dkd.sampling.sampler import SampleSet
+from dkd.sampling.sample_set import SampleSet
 
 
 def pdbs_select(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from dkd.dist.functional import group_size
 from dkd.head import native
 from dkd.losses.softmax import _check_temperature, fused_softmax_ce, mix
-from dkd.sampling.sampler import SampleSet
+from dkd.sampling.sample_set import SampleSet
 
 
 def sampled_kd_terms(student_cols: torch.Tensor, teacher_cols: torch.Tensor,
@@ -194,7 +194,8 @@ def sampled_kd_reference(features: torch.Tensor, weight: torch.Tensor,
     a = sample_set.gather(teacher_logits)
     o = sample_set.log_correction
     tgt = sample_set.target_mask(y) if lam < 1.0 else None
-    terms = sampled_kd_terms(z, a, o, T, tgt, sample_set.mask)
+    mask = None if sample_set.mask is None else sample_set.mask.expand(z.shape)
+    terms = sampled_kd_terms(z, a, o, T, tgt, mask)
     out = mix(terms, lam, T)
     out["student_cols"] = z
     return out

@@ -14,7 +14,7 @@ import torch
 
 from dkd.head.shard import stratified_counts, stratified_log_correction
 from dkd.sampling.proposals import Proposal, teacher_ranking
-from dkd.sampling.sampler import SampleSet, _non_target_order
+from oracle_sampler import SampleSet, _non_target_order
 
 
 def batch_mixture(teacher_logits: torch.Tensor, y: torch.Tensor, proposal: Proposal,
