@@ -8,7 +8,7 @@ export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test install clean docs
+.PHONY: demo test install clean docs gpu-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+# On a CUDA machine: CUDA tests + the softmax bench on CUDA (needs only torch).
+gpu-check:
+	bash launch/gpu_check.sh
 
 docs: $(STAMP)
 	$(BIN)/python -m dkd.config   # regenerate the README's config table

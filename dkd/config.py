@@ -236,7 +236,8 @@ class DistConfig(_Section):
     """DeepSpeed ZeRO stage for the backbone: 0, 1 or 2 (3 is not supported: the head is
     sharded by class outside the engine)."""
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
-    """Backbone precision; `auto` = bf16 where the device supports it."""
+    """Backbone precision; `auto` = bf16 where the device supports it, and TF32 matmuls on
+    CUDA (the head's loss stays fp32)."""
     grad_clip: float = Field(0.0, ge=0.0)
     """Backbone gradient-norm clipping (0 = off). The head is not clipped."""
     grad_accum: int = Field(1, ge=1)
@@ -245,6 +246,9 @@ class DistConfig(_Section):
     """Collective timeout in seconds: if a rank dies, the others fail after this long."""
     check_proposal_sync: bool = False
     """Debug: all-reduce a fingerprint of the proposal state each step; fail on mismatch."""
+    check_sample_sync: bool = False
+    """Debug: all-reduce a hash of each step's sample set (classes and corrections); fail if
+    ranks drew different sets (not for stratified batch_shared, whose sets are per rank)."""
 
     @model_validator(mode="after")
     def _check(self):

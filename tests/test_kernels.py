@@ -174,19 +174,31 @@ def test_row_grad_without_feature_grad(path):
     torch.testing.assert_close(torch.zeros_like(weight).index_add_(0, rows, grad), ref)
 
 
-def test_restricted_handle_hands_only_touched_rows_to_the_optimizer():
-    """Columns clamped onto a shard as placeholders (masked in the loss) must not count as
+@pytest.mark.parametrize("native_on", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("kind", ["per_sample", "batch_shared"])
+def test_touch_mask_leaves_placeholder_rows_alone(kind, native_on):
+    """Columns put on a shard as placeholders (masked in the loss) must not count as
     touches: the lazy optimizer would otherwise step those rows with stale moments."""
+    import contextlib
+    from dkd.head import native
     from dkd.head.head import ShardedHead
     head = ShardedHead(10, 4, seed=0)
     opt = head.make_optimizer("adam", lr=0.1)
     feats = torch.randn(3, 4)
-    cols = torch.tensor([[1, 2], [1, 9], [3, 9]])
-    owned = torch.tensor([[True, True], [True, False], [True, False]])
-    for _ in range(2):  # the second step: rows 1-3 have moments, row 9 must still not move
-        before = head.weight.clone()
-        z = head.logits_sampled(feats, cols, "union", owned=owned)
-        (z * owned).sum().backward()
-        assert head.apply_grads(opt) == 3
-        moved = (head.weight != before).any(1).nonzero().squeeze(1).tolist()
-        assert moved == [1, 2, 3]
+    off = contextlib.nullcontext() if native_on else native.disabled()
+    with off:
+        for _ in range(2):  # the second step: rows 1-3 have moments, row 9 must still not move
+            before = head.weight.clone()
+            if kind == "per_sample":
+                cols = torch.tensor([[1, 2], [1, 9], [3, 9]])
+                owned = torch.tensor([[True, True], [True, False], [True, False]])
+                z = head.logits_hybrid(feats, cols, cols.new_zeros(0), owned.reshape(-1))
+                (z * owned).sum().backward()
+            else:
+                cols = torch.tensor([1, 2, 9, 3, 1])
+                owned = torch.tensor([True, True, False, True, True])
+                z = head.logits_sampled(feats, cols, touch=owned)
+                (z * owned).sum().backward()
+            head.apply_grads(opt)
+            moved = (head.weight != before).any(1).nonzero().squeeze(1).tolist()
+            assert moved == [1, 2, 3]

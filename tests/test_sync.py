@@ -52,3 +52,16 @@ def test_fingerprint_depends_on_state():
     assert fingerprint(a.state_dict()) == fingerprint(b.state_dict())
     b.advance()
     assert fingerprint(a.state_dict()) != fingerprint(b.state_dict())
+
+
+def test_sample_hash_sees_a_changed_or_swapped_column():
+    import torch
+    from dkd.engine.sync import sample_hash
+    from dkd.sampling.sample_set import SampleSet
+    cls = torch.tensor([3, 5, 9, 2])
+    o = torch.tensor([0.0, 0.5, 1.5, 2.0])
+    det = torch.tensor([True, False, False, False])
+    h = sample_hash(SampleSet(cls, o, det, mode="batch_shared"))
+    assert torch.equal(h, sample_hash(SampleSet(cls.clone(), o.clone(), det)))
+    assert not torch.equal(h, sample_hash(SampleSet(cls[[0, 2, 1, 3]], o, det)))
+    assert not torch.equal(h, sample_hash(SampleSet(cls, o + 1e-3, det)))

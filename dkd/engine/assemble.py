@@ -87,6 +87,11 @@ def assemble(cfg: RunConfig, ctx: DistContext, data: DataBundle, teacher,
              run_dir: Path) -> TrainParts:
     import deepspeed
 
+    if cfg.dist.precision == "auto" and ctx.device.type == "cuda":
+        # TF32 tensor-core matmuls for the backbone (and the head's GEMMs); the head's loss
+        # and its corrections stay fp32 / fp64 arithmetic.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)  # same backbone init on every rank and every world size
     backbone = build_backbone(cfg.model, data.input_dim, **data.backbone_kwargs()).to(ctx.device)
     optimizer = build_optimizer(backbone.parameters(), cfg.optim)
@@ -98,7 +103,8 @@ def assemble(cfg: RunConfig, ctx: DistContext, data: DataBundle, teacher,
     head = ShardedHead(data.num_classes, cfg.model.feature_dim, ctx.group,
                        init_std=(3 * cfg.model.feature_dim) ** -0.5, seed=cfg.seed, device=ctx.device)
     layer = SoftmaxLayer(cfg.method, data.num_classes, head.start, head.end, ctx.group,
-                         cfg.train.steps, seed=cfg.seed)
+                         cfg.train.steps, seed=cfg.seed,
+                         check_sync=cfg.dist.check_sample_sync)
     return TrainParts(ctx, data, teacher, getattr(teacher, "head_weight", None),
                       engine, head, head_optimizer(head, cfg), layer,
                       torch.bfloat16 if use_bf16(cfg, ctx) else torch.float32)

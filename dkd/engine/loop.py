@@ -194,7 +194,7 @@ def _run_steps(p: TrainParts, cfg: RunConfig, run_dir: Path, sinks, start_step: 
             p.lr = lr_at(step, cfg.train.steps, cfg.optim)
             set_lr(p.engine.optimizer, p.lr)
             if cfg.dist.check_proposal_sync and p.layer.proposal is not None:
-                check_proposal_sync(p.layer.proposal, ctx.group)
+                check_proposal_sync(p.layer.proposal, ctx.group, ctx.device)
             out = train_step(p, cfg, step, timer)
             stats.update(out, step, p.layer.proposal)
             prof.step()

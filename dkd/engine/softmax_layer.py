@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from dkd.config import MethodConfig, SAMPLED_METHODS
 from dkd.dist.functional import group_rank, group_size
+from dkd.engine.sync import check_sample_sync
 from dkd.head.shard import shard_bounds
 from dkd.losses import targets as tg
 from dkd.losses.sampled import sampled_kd_loss
@@ -79,9 +80,9 @@ class SoftmaxLayer:
     """Computes the loss dict of one step; the head records the rows it touched."""
 
     def __init__(self, cfg: MethodConfig, num_classes: int, start: int, end: int, group,
-                 total_steps: int, seed: int = 0):
+                 total_steps: int, seed: int = 0, check_sync: bool = False):
         self.cfg, self.C, self.start, self.end, self.group = cfg, num_classes, start, end, group
-        self.seed = seed
+        self.seed, self.check_sync = seed, check_sync
         self.proposal = build_method_proposal(cfg, total_steps)
         self.workspace: dict = {}  # the sampler's slot map and cached index tensors
         # > 0: the engine hands sampled methods the teacher's top-K, not (B, C) logits.
@@ -129,6 +130,8 @@ class SoftmaxLayer:
     def sampled(self, feats, head, y, teacher, step: int, lam: float, T: float) -> dict:
         with self.region("sampling"):
             s, a = self.draw(teacher, y, step)
+            if self.check_sync and not self.stratified:
+                check_sample_sync(s, self.group, group_rank(self.group))
             local, own = local_columns(s.classes, self.start, self.end)
         sharded = self.world > 1
         mask = s.mask

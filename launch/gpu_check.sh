@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# GPU check (make gpu-check): on a machine with CUDA, in well under 8 minutes,
+#  1. the CUDA tests: the sampled step on CUDA equals the same step on CPU, with
+#     torch.cuda.set_sync_debug_mode("error") around the softmax layer (tests/test_cuda.py);
+#  2. `dkd bench softmax` on CUDA at C = 1e5 and 1e6 (one process), with --trace-ops.
+# It runs with whatever python3 has a CUDA torch (a GPU machine's own, with Triton) and
+# puts this checkout on PYTHONPATH. Besides torch it imports pytest, pydantic and PyYAML
+# (dkd.config); DeepSpeed, W&B and typer are not imported by these two steps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] && .venv/bin/python -c "import torch; assert torch.cuda.is_available()" 2>/dev/null && PY=.venv/bin/python
+OUT="${OUT:-runs/gpu_check}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" - <<'PY'
+import torch
+assert torch.cuda.is_available(), "gpu_check needs a CUDA device"
+print("torch", torch.__version__, "on", torch.cuda.get_device_name(0))
+PY
+"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.txt"
+"$PY" - "$OUT" <<'PY' 2>&1 | tee "$OUT/bench_cuda.txt"
+import sys
+from dkd.bench import bench_markdown, run_softmax_bench, write_bench
+recs = run_softmax_bench([100_000, 1_000_000], [20, 120, 1000], 256, 512, [1],
+                         ["uniform", "ftis", "dis"], ["batch_shared", "per_sample", "hybrid"],
+                         3, 20, 100, trace_ops=True, device="cuda")
+write_bench(recs, f"{sys.argv[1]}/bench_cuda.json")
+print(bench_markdown(recs))
+PY
+echo "gpu check: results in $OUT"
