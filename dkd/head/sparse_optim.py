@@ -157,7 +157,10 @@ class SparseRowOptimizer:
                 r, g = rows[i:i + n], grad[i:i + n]
                 c = coef and tuple(x[i:i + n] for x in coef)
                 tm = None if touch is None else touch[i:i + n]
-            work = self._gather(r, with_param=self._needs_param() or tm is not None)
+            # Repeated rows take the gather/write-back form: an index_add of the step
+            # would apply it once per repeat.
+            work = self._gather(r, with_param=self._needs_param() or tm is not None
+                                or not unique)
             old = None if tm is None else {k: v.clone() for k, v in work.items() if k != "denom"}
             self._update(work, g, lr, c)
             if old is not None:
