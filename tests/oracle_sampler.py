@@ -37,51 +37,13 @@ every rank gives the same sample set on every rank, without communication.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from dkd.sampling.proposals import Proposal, teacher_ranking
+from dkd.sampling.sample_set import SampleSet  # the oracle returns the layer's type
 
 MODES = ("per_sample", "batch_shared", "hybrid")
 CORRECTIONS = ("expected", "paper")
-
-
-@dataclass
-class SampleSet:
-    """Sampled columns of one step.
-
-    classes:        (B, n) per_sample or (n,) batch_shared int64 global class ids.
-    log_correction: same shape, float32 o; the loss uses logits/T - o.
-    deterministic:  same shape, bool; True for columns of D (o = 0).
-    mask:           (B, n) bool or None; False = the column is unused by that row
-                    (padding; hybrid: a shared draw in that row's D_b).
-    mode:           "per_sample", "batch_shared" or "hybrid".
-    shared_from:    hybrid only: columns [shared_from:] are the same classes in every row.
-    """
-
-    classes: torch.Tensor
-    log_correction: torch.Tensor
-    deterministic: torch.Tensor
-    mask: torch.Tensor | None = None
-    mode: str = "per_sample"
-    shared_from: int | None = None
-
-    @property
-    def num_columns(self) -> int:
-        return int(self.classes.shape[-1])
-
-    def gather(self, logits: torch.Tensor) -> torch.Tensor:
-        """Pick the sampled columns of full (B, C) logits (teacher logits): -> (B, n)."""
-        if self.classes.dim() == 1:
-            return logits.index_select(1, self.classes)
-        return logits.gather(1, self.classes)
-
-    def target_mask(self, y: torch.Tensor) -> torch.Tensor:
-        """(B, n) bool: the column holding row b's target y_b (exactly one per row)."""
-        cls = self.classes if self.classes.dim() == 2 else self.classes.unsqueeze(0)
-        hit = (cls == y.long().unsqueeze(1)) & self.deterministic
-        return hit if self.mask is None else hit & self.mask
 
 
 def _check_args(teacher_logits, y, m, top_t, mode, correction):
