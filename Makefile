@@ -8,7 +8,7 @@ export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test install clean docs gpu-check
+.PHONY: demo test install clean docs gpu-check gpu-wheels
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,9 +25,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
-# On a CUDA machine: CUDA tests + the softmax bench on CUDA (needs only torch).
+# On a CUDA machine: CUDA tests + the softmax bench on CUDA (README, "GPU check").
 gpu-check:
 	bash launch/gpu_check.sh
+
+# Here, before a GPU run: the wheels a GPU machine without a package index lacks (.whl/).
+gpu-wheels: $(STAMP)
+	bash launch/gpu_wheels.sh
 
 docs: $(STAMP)
 	$(BIN)/python -m dkd.config   # regenerate the README's config table

@@ -107,8 +107,8 @@ class HeadBench:
         n = self.head.weight.numel() * self.head.weight.element_size()
         n += sum(t.numel() * t.element_size() for t in self.opt.state.values())
         n += self.opt._slot.numel() * self.opt._slot.element_size()
-        slot = self.workspace.get("slot")
-        return n + (0 if slot is None else slot.numel() * slot.element_size())
+        return n + sum(t.numel() * t.element_size() for k, t in self.workspace.items()
+                       if isinstance(k, tuple) and k[0] == "slot")
 
     def _features(self):
         self.local_feats.grad = None

@@ -124,3 +124,17 @@ def test_torch_path_step_has_no_host_syncs_and_few_ops(name, mode):
     rec = counter.record()
     assert rec["host_syncs"] == 0, rec["sync_ops"]
     assert rec["aten_ops"] > 20
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bench_trace_counts_one_head_step(mode):
+    """`dkd bench softmax --trace-ops` counts the step the benchmark times: on the torch
+    path, batch-shared DIS stays within 100 ATen operations and no sampled mode syncs.
+    (The count depends on the step's structure, not on B, C or d.)"""
+    from dkd.bench import trace_ops
+    from dkd.bench_cases import HeadBench
+    hb = HeadBench(3000, 16, 8, 40, 0)
+    rec = trace_ops(hb, hb.layer("dis", mode, 60), 7)
+    assert rec["host_syncs"] == 0, rec["sync_ops"]
+    if mode == "batch_shared":
+        assert 40 <= rec["aten_ops"] <= 100, rec

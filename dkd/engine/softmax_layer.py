@@ -29,6 +29,7 @@ from dkd.losses import targets as tg
 from dkd.losses.sampled import sampled_kd_loss
 from dkd.losses.softmax import full_kd_terms, mix, softmax_probs
 from dkd.sampling.draw import draw_sample_set
+from dkd.sampling.laws import arange
 from dkd.sampling.proposals import Proposal, build_proposal, teacher_ranking
 from dkd.sampling.rng import draw_key
 from dkd.sampling.sample_set import SampleSet
@@ -132,17 +133,21 @@ class SoftmaxLayer:
             s, a = self.draw(teacher, y, step)
             if self.check_sync and not self.stratified:
                 check_sample_sync(s, self.group, group_rank(self.group))
-            local, own = local_columns(s.classes, self.start, self.end)
-        sharded = self.world > 1
-        mask = s.mask
+            sharded = self.world > 1
+            local, own = (local_columns(s.classes, self.start, self.end) if sharded
+                          else (s.classes, None))
+        # batch_shared: o already carries MASKED where s.mask is False, so the loss needs a
+        # mask only for the columns this shard does not own.
+        mask = s.mask if s.mode != "batch_shared" else None
         if sharded:
             mask = own if mask is None else own & mask
         tgt = None
         if s.mode == "batch_shared":
-            z = head.logits_sampled(feats, local, touch=mask if sharded else None)
-            if lam < 1:
-                tgt = (s.classes.unsqueeze(0) == y.long().unsqueeze(1)) & s.deterministic
-                tgt = tgt if mask is None else tgt & mask
+            z = head.logits_sampled(feats, local, touch=own & s.mask if sharded else None,
+                                    first=None if sharded else s.first)
+            if lam < 1:   # the kept column of row b's target, from the draw
+                tgt = arange(s.num_columns, y.device, self.workspace) == s.target_col.unsqueeze(1)
+                tgt = tgt & own if sharded else tgt
         else:
             nd = s.shared_from if s.mode == "hybrid" else s.num_columns
             touch = None
@@ -150,7 +155,7 @@ class SoftmaxLayer:
                 touch = torch.cat([own[:, :nd].reshape(-1), own[0, nd:]])
             z = head.logits_hybrid(feats, local[:, :nd], local[0, nd:], touch)
             if lam < 1:   # column 0 of D_b is the row's target
-                tgt = torch.arange(s.num_columns, device=y.device) == 0
+                tgt = arange(s.num_columns, y.device, self.workspace) == 0
                 tgt = tgt.unsqueeze(0) if not sharded else tgt & own
         out = sampled_kd_loss(z, a, s.log_correction, T, lam, tgt, mask, self.group)
         out["n_sampled"] = s.num_columns

@@ -90,16 +90,19 @@ class ShardedHead(nn.Module):
 
     def logits_sampled(self, features: torch.Tensor, local_cols: torch.Tensor,
                        path: str = "auto", unique: bool = False,
-                       touch: torch.Tensor | None = None) -> torch.Tensor:
+                       touch: torch.Tensor | None = None,
+                       first: torch.Tensor | None = None) -> torch.Tensor:
         """(B, d) and local row ids (n,) or (B, k) -> (B, n) or (B, k) logits.
 
         unique: promise that 1-D ``local_cols`` has no duplicates (skips the optimizer's
         duplicate coalescing). touch: bool mask like 1-D ``local_cols`` of the columns whose
         rows this step may update (the others are placeholders of classes other ranks own,
-        masked in the loss). The kernel that ran is in ``self.last_path``.
+        masked in the loss). first: (n,) first column of each column's row, when only
+        first columns carry gradient (see ``SparseRowOptimizer.step``). The kernel that ran
+        is in ``self.last_path``.
         """
         logits, handle = sampled_logits(features, self.weight, local_cols, path, unique=unique,
-                                        touch=touch)
+                                        touch=touch, first=first)
         self._record(handle)
         return logits
 
@@ -158,7 +161,7 @@ class ShardedHead(nn.Module):
             return self.num_local
         if len(got) == 1:
             h, (rows, g) = got[0]
-            optimizer.step(rows, g, lr, unique=h.unique, touch=h.touch)
+            optimizer.step(rows, g, lr, unique=h.unique, touch=h.touch, first=h.first)
             return rows.numel()
         rows = torch.cat([rg[0] for _, rg in got])
         touch = None

@@ -57,11 +57,15 @@ class RowGrad:
     unique: True when ``rows`` has no duplicates (the optimizer may then skip coalescing).
     leaf:   (u, d) gathered rows whose ``.grad`` autograd fills (batch_shared, union,
             full); None for gather_dot, whose backward writes ``_grad`` itself.
+    first:  optional (u,) long: entry i's row is entry first[i]'s and only first entries
+            carry gradient (see SparseRowOptimizer.step).
     """
 
     def __init__(self, rows, path: str, unique: bool, leaf: torch.Tensor | None = None,
-                 active: bool | None = None, touch: torch.Tensor | None = None):
+                 active: bool | None = None, touch: torch.Tensor | None = None,
+                 first: torch.Tensor | None = None):
         self.rows, self.path, self.unique, self.leaf = rows, path, unique, leaf
+        self.first = first
         self.active = leaf.requires_grad if active is None else active  # grad can arrive
         self._grad: torch.Tensor | None = None
         # touch: bool mask like ``rows`` (None: all). A sharded rank computes placeholder
@@ -245,7 +249,7 @@ def _check(features: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor) -> 
 
 def sampled_logits(features: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor,
                    path: str = "auto", balance: float | None = None, unique: bool = False,
-                   touch: torch.Tensor | None = None):
+                   touch: torch.Tensor | None = None, first: torch.Tensor | None = None):
     """Logits of the sampled classes and a handle to their row gradient.
 
     features: (B, d), may require grad; weight: (C_local, d), never receives ``.grad``;
@@ -254,6 +258,7 @@ def sampled_logits(features: torch.Tensor, weight: torch.Tensor, cols: torch.Ten
     unique: the caller promises that 1-D cols has no duplicates (e.g. a batch-shared
     sample set, whose columns are unique by construction); the handle then says so and
     the optimizer skips coalescing duplicate rows. Ignored for 2-D cols.
+    first: 1-D cols only, see :class:`RowGrad`.
     Returns (logits (B, n) or (B, k), RowGrad). Ids are not range-checked (that would
     synchronise an accelerator); out-of-range ids fail inside index_select.
     """
@@ -266,7 +271,7 @@ def sampled_logits(features: torch.Tensor, weight: torch.Tensor, cols: torch.Ten
             raise ValueError(f"path {path!r} needs per-sample cols (B, k); got shape (n,)")
         leaf = _leaf(weight, cols)                      # (n, d)
         return features @ leaf.t(), RowGrad(cols, "batch_shared", unique=bool(unique), leaf=leaf,
-                                            touch=touch)
+                                            touch=touch, first=first)
     if path == "batch_shared":
         raise ValueError("path 'batch_shared' needs one shared class set cols (n,)")
     B, k = cols.shape

@@ -80,6 +80,7 @@ class SparseRowOptimizer:
         self._max_t, self._table = 0, None      # Adam's bias-correction table (by step t)
         # Slot map for coalescing duplicate rows without a sort; content is scratch.
         self._slot = torch.zeros(weight.shape[0], dtype=torch.long, device=weight.device)
+        self._pos: torch.Tensor | None = None   # cached arange for _first_entry
         self._scratch: torch.Tensor | None = None
         if chunk_rows is None and weight.device.type == "cpu":
             # ~1 MiB per buffer: stays in cache on a host. Accelerators: one chunk (every
@@ -95,10 +96,15 @@ class SparseRowOptimizer:
     # ---------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, rows: torch.Tensor | None, grad: torch.Tensor, lr: float | None = None,
-             unique: bool = False, factored=None, touch: torch.Tensor | None = None) -> None:
+             unique: bool = False, factored=None, touch: torch.Tensor | None = None,
+             first: torch.Tensor | None = None) -> None:
         """Update ``rows`` (u,) of the weight with ``grad`` (u, d); rows=None: all rows.
 
         unique=True promises that ``rows`` has no duplicates and skips coalescing.
+        first: optional (u,) long, entry i names the same row as entry first[i], and only
+        the entries with first[i] == i carry gradient (a batch-shared sample set's masked
+        repeats): a row's summed gradient is then grad[first], one gather instead of a
+        segment sum (ignored with touch or factored rows).
         factored: optional (rows_f (n,), coef (n,), src (n,), x (·, d)), more gradient rows
         given as coef[i] · x[src[i]] for row rows_f[i] (the hybrid kernel's per-sample
         rows); summed with the others. touch: optional bool mask over [rows_f, rows]
@@ -132,14 +138,17 @@ class SparseRowOptimizer:
         if factored is not None:                # the torch path: materialise them
             rows = torch.cat([factored[0], rows])
             grad = torch.cat([factored_rows(factored), grad])
-        self._sparse_step(rows, grad, lr, unique, touch)
+        self._sparse_step(rows, grad, lr, unique, touch,
+                          first if factored is None and touch is None else None)
 
-    def _sparse_step(self, rows, grad, lr, unique, touch) -> None:
+    def _sparse_step(self, rows, grad, lr, unique, touch, first=None) -> None:
         """Fixed-shape row step: repeats of a row share their summed gradient (a segment
         sum onto each row's first entry), every entry computes the same new row from the
         same old state, and all entries are written back (identical values, so the result
         does not depend on which write lands last). Untouched rows keep their old values."""
-        if not unique:
+        if first is not None:
+            grad, unique = grad.index_select(0, first), False
+        elif not unique:
             rep = self._first_entry(rows)
             grad = torch.zeros_like(grad).index_add_(0, rep, grad).index_select(0, rep)
             if touch is not None:
@@ -178,8 +187,10 @@ class SparseRowOptimizer:
     def _first_entry(self, rows: torch.Tensor) -> torch.Tensor:
         """(u,) index of the first entry of ``rows`` naming the same row (a scatter-amin
         into the persistent slot map: deterministic, no sort, never cleared)."""
-        pos = torch.arange(rows.numel(), device=rows.device)
-        self._slot.scatter_reduce_(0, rows, pos, "amin", include_self=False)
+        n = rows.numel()
+        if self._pos is None or self._pos.numel() < n or self._pos.device != rows.device:
+            self._pos = torch.arange(max(n, 1024), device=rows.device)
+        self._slot.scatter_reduce_(0, rows, self._pos[:n], "amin", include_self=False)
         return self._slot.index_select(0, rows)
 
     def _dense_step(self, grad: torch.Tensor, lr: float) -> None:
@@ -271,19 +282,17 @@ class SparseRowOptimizer:
         self._max_t += 1                  # an upper bound of every t, without a sync
         if lr == 0.0:
             return None
-        table = self._bias_table()
-        idx = t.long()
-        return (table[0].index_select(0, idx).unsqueeze(1),
-                table[1].index_select(0, idx).unsqueeze(1))
+        ab = self._bias_table().index_select(0, t.long())               # (u, 2)
+        return ab[:, 0:1], ab[:, 1:2]
 
     def _bias_table(self) -> torch.Tensor:
-        """(2, n) [a_t; e_t] for t < n (n >= the largest step count), grown by doubling."""
-        if self._table is None or self._table.shape[1] <= self._max_t:
+        """(n, 2) [a_t, e_t] for t < n (n >= the largest step count), grown by doubling."""
+        if self._table is None or self._table.shape[0] <= self._max_t:
             n = max(1024, 2 * (self._max_t + 1))
             t = torch.arange(n, dtype=torch.float64)
             bc1, bc2 = 1.0 - self.betas[0] ** t, 1.0 - self.betas[1] ** t
             bc2[0] = 1.0                                   # t = 0 is never looked up
-            self._table = torch.stack([bc1 / bc2.sqrt(), bc1 * self.eps]).to(
+            self._table = torch.stack([bc1 / bc2.sqrt(), bc1 * self.eps], 1).to(
                 dtype=self.weight.dtype, device=self.weight.device)
         return self._table
 
@@ -358,8 +367,8 @@ class SparseRowOptimizer:
         if coef is None:                            # lr = 0: moments move, weights do not
             return
         a_t, e_t = coef
-        # Four passes; a fused addcmul with two (u, 1) operands is ~3x slower on a host.
-        torch.sqrt(v, out=den).mul_(a_t).add_(e_t)
+        # den = sqrt(v)·a_t + e_t in two kernels (the host's float32 Adam is the native one).
+        torch.addcmul(e_t, torch.sqrt(v, out=den), a_t, out=den)
         if p is None:
             torch.div(m, den, out=den)
         else:

@@ -13,10 +13,11 @@ import torch
 
 import torch.distributed as dist
 
+from dkd.consts import scalar, values
 from dkd.dist.functional import group_size
 from dkd.head import native
 from dkd.losses.softmax import _check_temperature, fused_softmax_ce, mix
-from dkd.sampling.sample_set import SampleSet
+from dkd.sampling.sample_set import MASKED, SampleSet
 
 
 def sampled_kd_terms(student_cols: torch.Tensor, teacher_cols: torch.Tensor,
@@ -57,11 +58,11 @@ class _SampledMixedLoss(torch.autograd.Function):
     closed form: the same value and gradient as ``mix(sampled_kd_terms(...))``, in about a
     third of the operations (the layer is op-count bound at small B·n on a host).
 
-    forward:  z (B, n) raw student logits, a (B, n) teacher logits, o (B, n) corrections,
-              keep (B, n) bool (False: column absent for that row), tgt (B, n) bool
-              (the target column; None when lam = 1), T, lam, group -> (loss, kd, ce),
-              kd and ce the detached batch means (no T² factor).
-              With ŝ = z/T − o, t̂ = a/T − o, c = z − o (all −inf where not keep):
+    forward:  z (B, n) raw student logits, a (B, n) teacher logits, o (B, n) corrections
+              (MASKED on a column absent for that row), tgt (B, n) bool (the target
+              column, never a masked one; None when lam = 1), T, lam, group ->
+              (loss, kd, ce), kd and ce the detached batch means (no T² factor).
+              With ŝ = z/T − o, t̂ = a/T − o, c = z − o (≈ −MASKED where masked):
               kd_b = LSE(ŝ_b) − Σ p̂ ŝ_b with p̂ = softmax(t̂_b); ce_b = LSE(c_b) − c_b[y].
     Collectives (forward only): one all-reduce MAX of the stacked row maxima (3, B), one
               all-reduce SUM of the stacked partial sums (5, B) ((2, B) and (4, B) without
@@ -72,44 +73,62 @@ class _SampledMixedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, a, o, keep, tgt, T, lam, group):
+    def forward(ctx, z, a, o, tgt, T, lam, group):
         B, n, has_ce = z.shape[0], z.shape[1], tgt is not None
-        # Rows of R: ŝ, t̂ and (with the CE) c, so max, exp and sum are one op each. R is
-        # filled in place (no stack copy); o may broadcast ((n,) or (1, n)): it is
-        # never materialised at (B, n). keep None means every column is used (no masking
-        # passes at all: the common batch-shared case, where the step is bandwidth-bound).
+        ctx.set_materialize_grads(False)                 # kd / ce outputs take no gradient
+        # Rows of R: ŝ, t̂ and (with the CE) c, so max, exp and sum are one op each. o may
+        # broadcast ((n,) or (1, n)): it is never materialised at (B, n). Masked columns
+        # carry o = MASKED (finite): their exponentials are 0 and no mask pass is needed.
         r = 3 if has_ce else 2
-        R = z.new_empty((r, B, n))
-        torch.mul(z, 1.0 / T, out=R[0])
-        torch.mul(a.to(z.dtype), 1.0 / T, out=R[1])
+        R = torch.stack([z, a.to(z.dtype), z] if has_ce else [z, a.to(z.dtype)])
+        R.mul_(_scales(T, r, z.dtype, z.device)).sub_(o)
+        maxima = R.amax(2) if n else z.new_full((r, B), float("-inf"))
+        shift = _all_reduce(maxima, dist.ReduceOp.MAX, group)
+        # Shifted in place: kd_b = log Σ e_ŝ − Σ p̂ (ŝ − m_ŝ) and ce_b = log Σ e_c −
+        # (c_y − m_c), the row maxima cancel out of both.
+        R.sub_(shift.unsqueeze(2))
+        E = R.exp()
+        parts = [E.sum(2), torch.bmm(E[1].unsqueeze(1), R[0].unsqueeze(2)).view(1, B)]
         if has_ce:
-            R[2].copy_(z)
-        R.sub_(o)
-        X = R if keep is None else torch.where(keep, R, float("-inf"))
-        maxima = X.amax(2) if n else z.new_full((r, B), float("-inf"))
-        shift = torch.nan_to_num(_all_reduce(maxima, dist.ReduceOp.MAX, group),
-                                 neginf=0.0)          # a row with no column anywhere: 0
-        E = torch.sub(X, shift.unsqueeze(2)).exp_()                      # 0 where masked
-        parts = [E.sum(2), torch.linalg.vecdot(E[1], R[0]).unsqueeze(0)]  # Σ e_t ŝ
-        if has_ce:
-            parts.append(torch.where(tgt, R[2], 0.0).sum(1, keepdim=True).t())  # c at y
+            parts.append(torch.where(tgt, R[2], _zero(z.dtype, z.device)).sum(1).unsqueeze(0))
         sums = _all_reduce(torch.cat(parts), dist.ReduceOp.SUM, group)
-        lse = shift + torch.log(sums[:r])
-        kd = (lse[0] - sums[r] / sums[1]).mean()
-        ce = (lse[2] - sums[-1]).mean() if has_ce else z.new_tensor(float("nan"))
-        ctx.coef, ctx.has_ce = (lam * T / B, (1.0 - lam) / B), has_ce
-        ctx.save_for_backward(E.div_(sums[:r].unsqueeze(2)), tgt)      # q̂, p̂ (, q_c)
-        loss = lam * T * T * kd + ((1.0 - lam) * ce if has_ce else 0.0)
+        ratio = sums[r] / sums[1]                                        # Σ p̂ (ŝ − m_ŝ)
+        if has_ce:
+            terms = torch.log(sums[0:3:2]).sub_(torch.stack([ratio, sums[r + 1]])).mean(1)
+            loss = torch.dot(terms, _scales(None, (lam * T * T, 1.0 - lam), z.dtype, z.device))
+            kd, ce = terms[0], terms[1]
+        else:
+            kd = torch.log(sums[0]).sub_(ratio).mean()
+            loss, ce = kd * (lam * T * T), z.new_tensor(float("nan"))
+        P = E.div_(sums[:r].unsqueeze(2))                                 # q̂, p̂ (, q_c)
+        if has_ce:
+            P[2].add_(tgt, alpha=-1)                                      # q_c − onehot
+        ctx.save_for_backward(P)
+        ctx.coef = (lam * T / B, -lam * T / B) + (((1.0 - lam) / B,) if has_ce else ())
         return loss, kd, ce
 
     @staticmethod
     def backward(ctx, grad, _gkd, _gce):
-        P, tgt = ctx.saved_tensors
-        w_kd, w_ce = ctx.coef
-        g = torch.sub(P[0], P[1]).mul_(w_kd)
-        if ctx.has_ce and w_ce:
-            g.add_(P[2], alpha=w_ce).sub_(tgt.to(g.dtype), alpha=w_ce)
-        return g.mul_(grad), None, None, None, None, None, None, None
+        # dL/dz = Σ_r coef_r · P_r: one matrix product over the stacked rows.
+        (P,) = ctx.saved_tensors
+        if grad is None:
+            return None, None, None, None, None, None, None
+        r, B, n = P.shape
+        coef = _scales(None, ctx.coef, P.dtype, P.device).view(1, r)
+        g = torch.mm(coef * grad, P.view(r, B * n)).view(B, n)
+        return g, None, None, None, None, None, None
+
+
+def _scales(T, vals, dtype, device) -> torch.Tensor:
+    """Cached small constants: T given, the (r, 1, 1) row scales [1/T, 1/T(, 1)] of R
+    (vals = r); else the 1-d tensor of ``vals``."""
+    if T is None:
+        return values(vals, dtype, device)
+    return values((1.0 / T, 1.0 / T, 1.0)[:vals], dtype, device).view(-1, 1, 1)
+
+
+def _zero(dtype, device) -> torch.Tensor:
+    return scalar(0.0, dtype, device)
 
 
 class _NativeSampledMixedLoss(torch.autograd.Function):
@@ -156,13 +175,12 @@ def sampled_kd_loss(student_cols: torch.Tensor, teacher_cols: torch.Tensor,
             float(lam))
         return {"loss": loss, "kd": kd.detach(), "ce": ce.detach()}
     o = log_correction.to(z.dtype)                  # broadcast as given: never copied to (B, n)
-    keep = None if mask is None else mask.expand_as(z)
-    if keep is not None:
-        o = torch.where(keep, o, 0.0)               # masked o may be junk (inf)
+    if mask is not None:                            # masked o may be junk (inf): MASKED
+        o = torch.where(mask, o, scalar(MASKED, z.dtype, z.device))
     tgt = None if target_cols is None else target_cols.expand_as(z)
-    if tgt is not None and keep is not None:
-        tgt = tgt & keep
-    loss, kd, ce = _SampledMixedLoss.apply(z, teacher_cols.detach(), o, keep, tgt, float(T),
+    if tgt is not None and mask is not None:
+        tgt = tgt & mask
+    loss, kd, ce = _SampledMixedLoss.apply(z, teacher_cols.detach(), o, tgt, float(T),
                                            float(lam), group)
     return {"loss": loss, "kd": kd.detach(), "ce": ce.detach()}
 

@@ -42,11 +42,12 @@ import math
 
 import torch
 
-from dkd.sampling.laws import arange, rank_bins, row_entries, teacher_entries
+from dkd.sampling.laws import _cached, arange, rank_bins, row_entries, teacher_entries
+from dkd.consts import scalar, values
 from dkd.sampling.lookup import shared_lookup
 from dkd.sampling.proposals import Proposal
 from dkd.sampling.rng import draw_key, uniforms
-from dkd.sampling.sample_set import CORRECTIONS, MODES, SampleSet
+from dkd.sampling.sample_set import CORRECTIONS, MASKED, MODES, SampleSet
 from dkd.sampling.teacher_batch import TopKTeacher
 
 # Streams of one step's key (rank r's stratified draws use _S_SHARD + r).
@@ -78,21 +79,23 @@ def _row_deterministic(teacher: TopKTeacher, y, top_t: int, pos_y, ws):
 def _draw_rbar(teacher: TopKTeacher, E: torch.Tensor, m: int, key: int, ws) -> torch.Tensor:
     """(m,) i.i.d. classes from the unrestricted r̄: a uniform row b, then an entry j of row
     b by inverse CDF (E (1, K + 1): one CDF for the batch; (B, K + 1): the rows' CDFs offset
-    by row index form one sorted array); j = K is the tail, a uniform class of [0, C)."""
+    by row index form one sorted array); j = K is the tail, a uniform class of [0, C).
+    Uniforms are < 1, so floor(u·B) and floor(u·C) need no clamp."""
     B, K, C, dev = teacher.batch, teacher.k, teacher.num_classes, teacher.ids.device
     u = _u(key, _S_ENTRY, (3, m), dev)
-    b = (u[0] * B).long().clamp_(max=B - 1)
-    cdf = E.cumsum(1)
     if E.shape[0] == 1:
-        j = torch.searchsorted(cdf[0], u[1] * cdf[0, -1])
+        scale = values((float(B), float(C)), torch.float64, dev).view(2, 1)
+        b, tail = (u[0::2] * scale).long()         # rows and tail classes in one product
+        j = torch.searchsorted(E[0].cumsum(0), u[1])   # K + 1 only by rounding: the tail
     else:
+        b, tail = (u[0] * B).long(), (u[2] * C).long()
+        cdf = E.cumsum(1)
         keys = (cdf / cdf[:, -1:]).clamp_(max=1.0) + arange(B, dev, ws, torch.float64).unsqueeze(1)
         j = torch.searchsorted(keys.view(-1), u[1] + b, right=True) - b * (K + 1)
-    j = j.clamp_(0, K)
-    c = teacher.ids.view(-1).index_select(0, b * K + j.clamp(max=K - 1))
-    if K < C:
-        c = torch.where(j == K, (u[2] * C).long().clamp_(max=C - 1), c)
-    return c
+    if K == C:
+        j = j.clamp_(max=K - 1)                    # no tail: rounding past the end is rank C-1
+    c = teacher.ids.view(-1).index_select(0, torch.add(j, b, alpha=K).clamp_(max=B * K - 1))
+    return c if K == C else torch.where(j >= K, tail, c)
 
 
 def _batch_shared(teacher, y, proposal, m, top_t, correction, key, ws, shard=None):
@@ -104,31 +107,39 @@ def _batch_shared(teacher, y, proposal, m, top_t, correction, key, ws, shard=Non
     else:
         D = y.long()
     nD = D.numel()
+    n = nD + m
     if shard is None:
-        draws, valid, log_n_over_R = _draw_rbar(teacher, E, m, key, ws), None, math.log(m)
+        draws, valid = _draw_rbar(teacher, E, m, key, ws), None
     else:
         draws, valid, log_n_over_R = _draw_shard(teacher, E, m, key, shard, ws)
     classes = torch.cat([D, draws])
     rep, a, rbar = shared_lookup(teacher, classes, E, ws)
-    j = arange(nD + m, dev, ws)
-    is_d = j < nD
+    is_d = _cached(ws, ("is_d", nD, m, str(dev)), lambda: arange(n, dev, ws) < nD)
+    first = rep == arange(n, dev, ws)
     # A class drawn several times is one column carrying its count (o − log count, the
     # same sum of exponentials, and the sampled cross-entropy of merged columns); its
-    # repeats are masked. Counts by a segment sum onto each class's first column.
-    w = ~is_d if valid is None else torch.cat([~is_d[:nD], valid])
-    count = torch.zeros(nD + m, dtype=torch.float64, device=dev).index_add_(
-        0, rep, w.double()).index_select(0, rep)
-    first = rep == j
-    keep = first if valid is None else first & (is_d | w)
-    log_r = torch.log(rbar)
-    if correction == "expected":
-        o = log_r + log_n_over_R
+    # repeats are masked. Counts by a segment sum onto each class's first column, of
+    # weights 1/m (a draw; D columns weigh 1, any positive value: their o is 0), so that
+    # r̄ / count' = m r̄ / count.
+    if valid is None:
+        w = _cached(ws, ("w_count", nD, m, str(dev)), lambda: torch.where(
+            is_d, 1.0, 1.0 / m).double())
+        keep = first
     else:
+        w = torch.cat([w_d := torch.ones(nD, dtype=torch.float64, device=dev),
+                       valid.double() * (1.0 / m)])
+        keep = first & torch.cat([w_d > 0, valid])
+    count = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, rep, w)
+    o = torch.div(rbar, count.index_select(0, rep)).log_()          # log(m r̄ / count)
+    if correction == "paper":
         r_d = torch.where(keep & is_d, rbar, 0.0).sum()
-        o = log_r - torch.log1p(-r_d.clamp(max=1.0 - 1e-12))
-    o = torch.where(is_d, 0.0, o - torch.log(count.clamp(min=1.0))).float()
+        o = o - (math.log(m) + torch.log1p(-r_d.clamp(max=1.0 - 1e-12)))
+    elif valid is not None:
+        o = o + (log_n_over_R - math.log(m))
+    o = torch.where(is_d, scalar(0.0, torch.float64, dev), o)
+    o = torch.where(keep, o, scalar(MASKED, torch.float64, dev)).float()
     return SampleSet(classes=classes, log_correction=o, deterministic=is_d, mask=keep,
-                     mode="batch_shared"), a
+                     mode="batch_shared", first=rep, target_col=rep[:y.numel()]), a
 
 
 def _draw_shard(teacher, E, m, key, shard, ws):

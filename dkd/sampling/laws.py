@@ -57,12 +57,26 @@ def rank_cdf(proposal: Proposal, x: torch.Tensor, n: int) -> torch.Tensor:
 
 def rank_bins(proposal: Proposal, n: int, K: int, device, ws: dict | None = None):
     """(K_b + 1,) float64 masses of ranks 0..K_b-1 and of the tail [K_b, n), K_b = min(K, n).
-    They sum to 1 (a 0 tail when K_b = n)."""
-    Kb = min(K, n)
+    They sum to 1 (a 0 tail when K_b = n).
+
+    Uniform bins depend on (n, K) only, and DIS's left Laplace on (w, b1) only: both are
+    cached, so a step rebuilds only the right density, whose scale b2 moves (4 kernels:
+    its bin masses are differences of exp((x − n) / (n·s2)) at the edges)."""
+    Kb, dev = min(K, n), torch.device(device)
 
     def edges():
-        return torch.cat([torch.arange(Kb + 1, dtype=_F64), torch.tensor([float(n)])]).to(device)
-    F = rank_cdf(proposal, _cached(ws, ("edges", n, Kb, str(device)), edges), n)
+        return torch.cat([torch.arange(Kb + 1, dtype=_F64), torch.tensor([float(n)])]).to(dev)
+    if type(proposal) is UniformProposal:
+        return _cached(ws, ("ubins", n, Kb, dev), lambda: edges().diff() / n)
+    if type(proposal) is LaplaceMixtureProposal:
+        w, s1, s2 = proposal.w, proposal.b1 / 100.0, proposal.b2() / 100.0
+        x = _cached(ws, ("edges", n, Kb, dev), edges)
+        left = _cached(ws, ("lbins", n, Kb, w, s1, dev), lambda: torch.expm1(
+            x * (-1.0 / (n * s1))).diff().mul_(w / math.expm1(-1.0 / s1)))
+        xn = _cached(ws, ("edges-n", n, Kb, dev), lambda: x - float(n))
+        ex = torch.mul(xn, 1.0 / (n * s2)).exp_()
+        return torch.add(left, ex.diff(), alpha=(1.0 - w) / (1.0 - math.exp(-1.0 / s2)))
+    F = rank_cdf(proposal, _cached(ws, ("edges", n, Kb, dev), edges), n)
     return F[1:] - F[:-1]
 
 

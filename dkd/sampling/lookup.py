@@ -21,24 +21,27 @@ from __future__ import annotations
 
 import torch
 
+from dkd.consts import scalar
 from dkd.sampling.laws import _cached, arange
 
 
-def slot_map(ws: dict | None, C: int, device) -> torch.Tensor:
-    """The (C,) int64 slot map of ``ws`` (allocated once, zero; never cleared)."""
-    slot = {} if ws is None else ws.get("slot")
-    slot = None if isinstance(slot, dict) else slot
+def slot_map(ws: dict | None, C: int, device, n: int = 0) -> torch.Tensor:
+    """The (C,) int64 slot map of ``ws`` for column lists of length n (allocated once,
+    zero, never cleared). One map per n, so every value it ever holds is < n: a read
+    needs no clamp."""
+    key = ("slot", n)
+    slot = None if ws is None else ws.get(key)
     if slot is None or slot.numel() < C or slot.device != torch.device(device):
         slot = torch.zeros(C, dtype=torch.long, device=device)
         if ws is not None:
-            ws["slot"] = slot
+            ws[key] = slot
     return slot
 
 
 def first_occurrence(classes: torch.Tensor, C: int, ws: dict | None) -> torch.Tensor:
     """(n,) index of the first column holding the same class as each column."""
     n = classes.numel()
-    slot = slot_map(ws, C, classes.device)
+    slot = slot_map(ws, C, classes.device, n)
     slot.scatter_reduce_(0, classes, arange(n, classes.device, ws), "amin", include_self=False)
     return slot.index_select(0, classes)
 
@@ -52,21 +55,21 @@ def shared_lookup(teacher, classes: torch.Tensor, entries: torch.Tensor | None,
     ws = {} if ws is None else ws          # one slot map for both passes below
     rep = first_occurrence(classes, C, ws)
     flat = teacher.ids.reshape(-1)                                        # (B·K,)
-    col = slot_map(ws, C, dev).index_select(0, flat).clamp_(0, max(n - 1, 0))
-    hit = classes.index_select(0, col) == flat
-    dest = torch.where(hit, col, n)                                       # n: the dummy column
+    col = slot_map(ws, C, dev, n).index_select(0, flat)
+    dest = torch.where(classes.index_select(0, col) == flat, col,
+                       scalar(n, torch.long, dev))                    # n: the dummy column
     a = rbar = None
     if want_logits:
-        off = _cached(ws, ("rowoff", B, K, n, str(dev)),
-                      lambda: (torch.arange(B, device=dev) * (n + 1)).repeat_interleave(K))
-        block = teacher.rest_logit().to(teacher.logits.dtype).unsqueeze(1).repeat(1, n + 1)
-        block.view(-1).scatter_(0, dest + off, teacher.logits.reshape(-1))
+        rest = teacher.rest_logit_as(teacher.logits.dtype)
+        block = rest.unsqueeze(1).expand(B, n + 1).clone()
+        block.scatter_(1, dest.view(B, K), teacher.logits)
         a = block.index_select(1, rep)                                    # (B, n)
     if entries is not None:
         w = entries[:, :K].expand(B, K).reshape(-1)
         sums = torch.zeros(n + 1, dtype=entries.dtype, device=dev).index_add_(0, dest, w)
-        tail = entries[:, K].mean() * (1.0 / C)
-        rbar = sums[:n].index_select(0, rep).mul_(1.0 / B).add_(tail)
+        tail = entries[0, K] if entries.shape[0] == 1 else entries[:, K].mean()
+        # r̄ = (Σ_b E[b, rank_b(c)] + B · tail / C) / B
+        rbar = torch.add(sums[:n].index_select(0, rep), tail, alpha=B / C).mul_(1.0 / B)
     return rep, a, rbar
 
 

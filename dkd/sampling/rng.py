@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from dkd.consts import constant, scalar
+
 _M32 = 0xFFFFFFFF
 _GOLD = 0x9E3779B9
 _C1, _C2 = 0x7FEB352D, 0x846CA68B
@@ -53,9 +55,14 @@ def uniforms(key: int, shape, device, dtype=torch.float64) -> torch.Tensor:
     n = 1
     for s in shape:
         n *= s
-    i = torch.arange(n, device=device, dtype=torch.int64)
-    x = _mix((i * _GOLD + key) & _M32)
-    return x.to(dtype).add_(0.5).mul_(2.0 ** -32).view(shape)
+    dev = torch.device(device)
+    # Shape-only constants, built once: the counters i·φ mod 2³², and the 0-d offset that
+    # maps a hash h to (h + 0.5) / 2³² in one kernel. So a draw is 13 kernels.
+    ctr = constant(("ctr", n, dev), lambda: (torch.arange(n, device=dev, dtype=torch.int64)
+                                             * _GOLD) & _M32)
+    half = scalar(2.0 ** -33, dtype, dev)
+    x = _mix((ctr + (int(key) & _M32)) & _M32)
+    return torch.add(half, x, alpha=2.0 ** -32).view(shape)
 
 
 __all__ = ["draw_key", "uniforms"]

@@ -11,6 +11,10 @@ import torch
 
 MODES = ("per_sample", "batch_shared", "hybrid")
 CORRECTIONS = ("expected", "paper")
+# The correction of a masked batch_shared column: finite, so logits/T − o stays finite
+# (0 · (−MASKED) is 0 where −inf would give NaN), and large enough that its exponential
+# is exactly 0 in float32. The loss then needs no mask pass.
+MASKED = 1e30
 
 
 @dataclass
@@ -19,13 +23,18 @@ class SampleSet:
 
     classes:        (n,) batch_shared, or (B, n) per_sample / hybrid, int64 global ids.
     log_correction: (n,) or (B, n) float32 o (0 on deterministic columns); the loss uses
-                    logits/T − o. Broadcasts against (B, n).
+                    logits/T − o. Broadcasts against (B, n). batch_shared: MASKED where
+                    ``mask`` is False, so the loss needs no separate mask.
     deterministic:  (n,) or (B, n) bool: True for the columns of D (o = 0).
     mask:           None, (n,) or (B, n) bool: False = the column is unused by that row
                     (a repeated D class, a draw that landed in D, a stratified pad slot).
     mode:           "per_sample", "batch_shared" or "hybrid".
     shared_from:    per_sample / hybrid: columns [shared_from:] are the draws (hybrid: the
                     same classes in every row; per_sample: the row's own draws).
+    first:          batch_shared: (n,) int64, the first column holding each column's class
+                    (masked repeats point to the kept column); None otherwise.
+    target_col:     (B,) int64 column of row b's target (None: column 0, per_sample and
+                    hybrid, whose D_b starts with y_b).
     """
 
     classes: torch.Tensor
@@ -34,6 +43,8 @@ class SampleSet:
     mask: torch.Tensor | None = None
     mode: str = "per_sample"
     shared_from: int | None = None
+    first: torch.Tensor | None = None
+    target_col: torch.Tensor | None = None
 
     @property
     def num_columns(self) -> int:
@@ -59,4 +70,4 @@ class SampleSet:
         return hit if self.mask is None else hit & self.mask
 
 
-__all__ = ["SampleSet", "MODES", "CORRECTIONS"]
+__all__ = ["SampleSet", "MODES", "CORRECTIONS", "MASKED"]

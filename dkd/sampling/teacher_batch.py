@@ -109,6 +109,13 @@ class TopKTeacher:
             self.rest = completion_logit(self.logits, self.lse, self.num_classes)
         return self.rest.double()
 
+    def rest_logit_as(self, dtype) -> torch.Tensor:
+        """:meth:`rest_logit` in ``dtype`` (the logits' own), converted once per object."""
+        cache = self.__dict__.setdefault("_rest_as", {})
+        if dtype not in cache:
+            cache[dtype] = self.rest_logit().to(dtype)
+        return cache[dtype]
+
     def log_partition(self, T: float) -> torch.Tensor:
         """(B,) float64 log Σ_c exp(a_c / T) over the completed teacher."""
         parts = self.logits.double() / T
