@@ -127,13 +127,14 @@ def next_word_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict:
     return {"top1": top1(logits, targets), "ce": ce, "perplexity": perplexity(ce)}
 
 
-def sharded_cross_entropy_sum(logits_local: torch.Tensor, targets: torch.Tensor, start: int,
-                              group=None) -> torch.Tensor:
-    """Summed CE (nats) of (N,) targets under logits split by class over ranks.
+def sharded_softmax_rows(logits_local: torch.Tensor, targets: torch.Tensor, start: int,
+                         group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (cross-entropy (N,), confidence (N,)) in float64 under logits split by
+    class over ranks: CE = LSE − z_y, confidence = max softmax probability = exp(max − LSE).
 
     logits_local (N, C_local) holds classes [start, start + C_local). Collectives (when the
     group has > 1 rank): all-reduce MAX of the row maxima (N,), then one all-reduce SUM of
-    the packed (sum exp, target logit) (2, N). Every rank returns the same scalar (float64).
+    the packed (sum exp, target logit) (2, N). Every rank returns the same tensors.
     """
     z = logits_local.double()
     n, c_local = z.shape
@@ -150,5 +151,37 @@ def sharded_cross_entropy_sum(logits_local: torch.Tensor, targets: torch.Tensor,
     packed = torch.stack([(z - row_max[:, None]).exp().sum(1), target_logit])  # (2, N)
     if multi:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    lse = row_max + packed[0].log()
-    return (lse - packed[1]).sum()
+    log_sum = packed[0].log()
+    return row_max + log_sum - packed[1], torch.exp(-log_sum)
+
+
+def sharded_cross_entropy_sum(logits_local: torch.Tensor, targets: torch.Tensor, start: int,
+                              group=None) -> torch.Tensor:
+    """Summed CE (nats) of (N,) targets; see :func:`sharded_softmax_rows`."""
+    return sharded_softmax_rows(logits_local, targets, start, group)[0].sum()
+
+
+ECE_BINS = 15
+
+
+def calibration_bins(confidence: torch.Tensor, correct: torch.Tensor,
+                     n_bins: int = ECE_BINS) -> torch.Tensor:
+    """(3, n_bins) float64 [count, Σ confidence, Σ correct] per equal-width confidence bin
+    ((0, 1/n], ..., ((n−1)/n, 1]); bins of several batches add up."""
+    conf = confidence.double().flatten()
+    idx = (conf * n_bins).ceil().long().clamp_(1, n_bins) - 1
+    out = torch.zeros(3, n_bins, dtype=torch.float64, device=conf.device)
+    for row, v in enumerate((torch.ones_like(conf), conf, correct.double().flatten())):
+        out[row].index_add_(0, idx, v)
+    return out
+
+
+def expected_calibration_error(bins: torch.Tensor) -> float:
+    """ECE in percent: Σ_b (n_b / N) · |accuracy_b − mean confidence_b| over
+    :func:`calibration_bins`' bins (the usual 15 equal-width bins of the top-1
+    confidence)."""
+    count, conf, correct = bins.double().cpu()
+    total = float(count.sum())
+    if total == 0:
+        return float("nan")
+    return 100.0 * float((conf - correct).abs().sum()) / total

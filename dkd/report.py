@@ -47,6 +47,8 @@ class RunData:
     steps: int | None
     top1: float = math.nan
     map: float = math.nan
+    perplexity: float = math.nan
+    ece: float = math.nan
     wall_s: float = math.nan
     softmax: list[tuple[int, float]] = field(default_factory=list)  # (step, ms)
     proposal: list[dict[str, Any]] = field(default_factory=list)
@@ -141,6 +143,8 @@ def load_run(run_dir: str | Path) -> RunData:
         steps=summary.get("steps", max(steps, default=None)),
         top1=_num(summary.get("top1", _last(evals, "eval/top1"))),
         map=_num(summary.get("map", summary.get("mAP", _last(evals, "eval/map")))),
+        perplexity=_num(summary.get("perplexity", _last(evals, "eval/perplexity"))),
+        ece=_num(summary.get("ece", _last(evals, "eval/ece"))),
         wall_s=_num(summary.get("wall_s")), softmax=softmax, source=source,
         mode=pick("mode"))
     if (run_dir / "proposal.jsonl").is_file():
@@ -187,10 +191,12 @@ _SAMPLED = ("uniform", "ftis", "dis")   # the methods whose method.mode changes 
 
 def table_rows(runs: Sequence[RunData], skip_steps: int = 0) -> tuple[list[str], list[list[str]]]:
     speed, _ = speedups(runs, skip_steps)
-    has_map = any(math.isfinite(r.map) for r in runs)
+    has = {key: any(math.isfinite(getattr(r, key)) for r in runs)
+           for key in ("map", "perplexity", "ece")}
+    names = {"map": "mAP", "perplexity": "perplexity", "ece": "ECE %"}
     header = ["run", "method", "mode", "k", "classes", "steps", "softmax ms (mean)",
-              "softmax ms (median)", "speedup vs KD", "top-1"] + (["mAP"] if has_map else [])
-    header.append("wall s")
+              "softmax ms (median)", "speedup vs KD", "top-1"]
+    header += [names[key] for key in names if has[key]] + ["wall s"]
     rows = []
     for run, s in zip(runs, speed):
         ms = run.softmax_ms(skip_steps)
@@ -199,8 +205,8 @@ def table_rows(runs: Sequence[RunData], skip_steps: int = 0) -> tuple[list[str],
                "?" if run.classes is None else str(run.classes),
                "?" if run.steps is None else str(run.steps),
                _f(_mean(ms)), _f(_median(ms)), _f(s, ".2f", "x"), _f(run.top1, ".4f")]
-        if has_map:
-            row.append(_f(run.map, ".4f"))
+        row += [_f(getattr(run, key), spec) for key, spec in
+                (("map", ".4f"), ("perplexity", ".1f"), ("ece", ".2f")) if has[key]]
         rows.append(row + [_f(run.wall_s, ".1f")])
     return header, rows
 
@@ -230,7 +236,8 @@ def _blocks(runs: list[RunData], out_dir: Path, skip_steps: int) -> list[tuple]:
         blocks.append(("table", header, rows))
         for kind, fn, alt in (
                 ("softmax_ms", plots.plot_softmax_ms, "softmax-layer ms per iteration"),
-                ("top1_vs_ms", plots.plot_top1_vs_ms, "top-1 vs median softmax-layer ms")):
+                ("top1_vs_ms", plots.plot_top1_vs_ms, "top-1 vs median softmax-layer ms"),
+                ("top1_vs_k", plots.plot_top1_vs_k, "top-1 vs sampled classes k")):
             name = f"{kind}_{tag}.png"
             if fn(group, out_dir / name, title=f"{alt} ({classes} classes)",
                   skip_steps=skip_steps):

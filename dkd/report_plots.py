@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 if TYPE_CHECKING:
     from dkd.report import RunData
 
-__all__ = ["plot_softmax_ms", "plot_top1_vs_ms", "plot_proposal"]
+__all__ = ["plot_softmax_ms", "plot_top1_vs_ms", "plot_top1_vs_k", "plot_proposal"]
 
 MAX_POINTS = 4000  # per curve; longer series are strided (a PNG cannot show more anyway)
 
@@ -98,6 +98,43 @@ def plot_top1_vs_ms(runs: Sequence["RunData"], path: Path, title: str,
     ax.margins(0.15)  # why: room for the labels of the extreme points
     ax.set(xlabel="softmax layer, median ms / iteration", ylabel="top-1", title=title)
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+_FLAT = ("hard", "kd")   # methods without k: drawn as horizontal reference lines
+
+
+def plot_top1_vs_k(runs: Sequence["RunData"], path: Path, title: str,
+                   skip_steps: int = 0) -> bool:
+    """Top-1 against k, one line per sampled method (and mode), hard labels and full KD as
+    horizontal lines (the paper's Figure 6). Needs a sampled method at two k or more."""
+    del skip_steps  # accuracy does not depend on the timing window
+    curves: dict[str, list[tuple[float, float]]] = {}
+    flat: dict[str, list[float]] = {}
+    for run in runs:
+        if not math.isfinite(run.top1):
+            continue
+        if run.method in _FLAT:
+            flat.setdefault(run.method, []).append(run.top1)
+        elif isinstance(run.k, (int, float)):
+            name = run.method + (f" {run.mode}" if run.mode else "")
+            curves.setdefault(name, []).append((float(run.k), run.top1))
+    if not any(len({k for k, _ in pts}) >= 2 for pts in curves.values()):
+        return False
+    fig = _figure()
+    ax = fig.add_subplot()
+    for name, pts in sorted(curves.items()):
+        pts = sorted(pts)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    for method, tops in sorted(flat.items()):
+        ax.axhline(statistics.fmean(tops), ls="--", lw=1.2,
+                   color="black" if method == "kd" else "grey",
+                   label="full KD" if method == "kd" else "hard labels")
+    if _wide_range([k for pts in curves.values() for k, _ in pts]):
+        ax.set_xscale("log")
+    ax.set(xlabel="k (sampled classes per step)", ylabel="top-1", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
     return _save(fig, path)
 
 

@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from dkd.metrics import (average_precision, next_word_metrics, perplexity, reid_retrieval,
-                         sharded_cross_entropy_sum, top1)
+from dkd.metrics import (average_precision, calibration_bins, expected_calibration_error,
+                         next_word_metrics, perplexity, reid_retrieval, sharded_cross_entropy_sum,
+                         sharded_softmax_rows, top1)
 
 
 def test_top1_from_logits_and_predictions():
@@ -101,7 +102,8 @@ def _ce_worker(rank, world, port, queue):
         z, y = torch.randn(6, 7, generator=g) * 3, torch.tensor([0, 6, 3, 4, 2, 2])
         start = [0, 4][rank]  # uneven shards: classes [0, 4) and [4, 7)
         local = z[:, start:start + [4, 3][rank]]
-        queue.put((rank, float(sharded_cross_entropy_sum(local, y, start, dist.group.WORLD))))
+        ce, conf = sharded_softmax_rows(local, y, start, dist.group.WORLD)
+        queue.put((rank, (float(ce.sum()), conf.tolist())))
     finally:
         dist.destroy_process_group()
 
@@ -126,4 +128,29 @@ def test_sharded_ce_two_ranks_matches_full():
     g = torch.Generator().manual_seed(0)
     z, y = torch.randn(6, 7, generator=g) * 3, torch.tensor([0, 6, 3, 4, 2, 2])
     full = float(torch.nn.functional.cross_entropy(z.double(), y, reduction="sum"))
-    assert got[0] == pytest.approx(full) and got[1] == pytest.approx(full)
+    conf = torch.softmax(z.double(), 1).max(1).values.tolist()
+    for rank in (0, 1):
+        assert got[rank][0] == pytest.approx(full)
+        assert got[rank][1] == pytest.approx(conf)
+
+
+def test_expected_calibration_error_by_hand():
+    # Bins of width 1/15: 0.95 and 0.99 share the last bin, 0.5 and 0.52 share bin 7.
+    conf = torch.tensor([0.95, 0.99, 0.5, 0.52])
+    correct = torch.tensor([True, True, False, True])
+    bins = calibration_bins(conf, correct)
+    assert bins[0].sum() == 4 and bins[0, 14] == 2 and bins[0, 7] == 2
+    want = (2 * abs(1.0 - 0.97) + 2 * abs(0.5 - 0.51)) / 4 * 100
+    assert expected_calibration_error(bins) == pytest.approx(want)
+    # Bins of two halves add up to the bins of the whole.
+    halves = calibration_bins(conf[:2], correct[:2]) + calibration_bins(conf[2:], correct[2:])
+    assert torch.equal(halves, bins)
+    assert math.isnan(expected_calibration_error(torch.zeros(3, 15)))
+
+
+def test_softmax_rows_confidence_is_the_top_probability():
+    g = torch.Generator().manual_seed(1)
+    z, y = torch.randn(5, 9, generator=g), torch.tensor([1, 2, 3, 4, 8])
+    ce, conf = sharded_softmax_rows(z, y, 0)
+    assert torch.allclose(conf, torch.softmax(z.double(), 1).max(1).values)
+    assert torch.allclose(ce, torch.nn.functional.cross_entropy(z.double(), y, reduction="none"))

@@ -81,3 +81,26 @@ def test_report_falls_back_to_wandb_offline_and_config(tmp_path):
     data = load_run(run)
     assert (data.method, data.classes, data.source) == ("kd", 50, "W&B offline")
     assert data.softmax_ms() == [2.0, 3.0, 4.0]
+
+
+def test_report_draws_top1_against_k_and_shows_perplexity_and_ece(tmp_path):
+    """The paper's Figure 6: top-1 against k per sampled method, hard and KD as lines;
+    perplexity and ECE columns appear when the runs have them."""
+    runs = [_fake_run(tmp_path, "hard", "hard", None, [5.0], top1=0.40),
+            _fake_run(tmp_path, "kd", "kd", None, [9.0], top1=0.61)]
+    for k, top in ((5, 0.50), (20, 0.58)):
+        runs.append(_fake_run(tmp_path, f"dis{k}", "dis", k, [1.0], top1=top))
+    summary = json.loads((runs[1] / "summary.json").read_text())
+    (runs[1] / "summary.json").write_text(json.dumps({**summary, "perplexity": 12.5,
+                                                      "ece": 3.25}))
+    text = write_report(runs, tmp_path / "out").read_text()
+    assert (tmp_path / "out" / "top1_vs_k_C100.png").stat().st_size > 1000
+    header = next(l for l in text.splitlines() if l.startswith("| run"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert "perplexity" in cols and "ECE %" in cols
+    row = next(l for l in text.splitlines() if l.startswith("| kd "))
+    cells = dict(zip(cols, (c.strip() for c in row.strip("|").split("|"))))
+    assert cells["perplexity"] == "12.5" and cells["ECE %"] == "3.25"
+    # One k per method: no curve to draw.
+    only = write_report(runs[:3], tmp_path / "out1").read_text()
+    assert not (tmp_path / "out1" / "top1_vs_k_C100.png").exists() and "top1_vs_k" not in only

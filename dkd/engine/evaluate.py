@@ -4,7 +4,9 @@
   from the all-gathered per-rank maxima;
 - re-ID (Market-1501): query-vs-gallery retrieval on backbone features (the head is not
   used), mean average precision and CMC rank-1, standard protocol;
-- text: next-word top-1 and perplexity (cross-entropy summed over the class shards).
+- every classification run (text included): perplexity exp(mean cross-entropy) and the
+  expected calibration error of the top-1 confidence (15 equal-width bins), both from the
+  full softmax summed over the class shards.
 Every rank runs the (replicated) backbone on every sample; results are identical on all
 ranks.
 """
@@ -15,7 +17,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from dkd.metrics import reid_retrieval, sharded_cross_entropy_sum
+from dkd.metrics import (calibration_bins, expected_calibration_error, reid_retrieval,
+                         sharded_softmax_rows)
 
 
 def sharded_argmax(logits_local: torch.Tensor, start: int, group) -> torch.Tensor:
@@ -50,19 +53,20 @@ def _features(backbone, x: torch.Tensor, device, cast: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _classify(backbone, weight, start, split, device, batch_size, group, cast, text):
-    correct, total, ce = 0, 0, 0.0
+def _classify(backbone, weight, start, split, device, batch_size, group, cast):
+    correct, total, ce, bins = 0, 0, 0.0, 0.0
     for x, y in _batches(split, batch_size):
         logits = _features(backbone, x, device, cast) @ weight.T.float()
         y = y.to(device)
-        correct += int((sharded_argmax(logits, start, group) == y).sum())
+        hit = sharded_argmax(logits, start, group) == y
+        correct += int(hit.sum())
         total += len(y)
-        if text:
-            ce += float(sharded_cross_entropy_sum(logits, y, start, group))
-    out = {"top1": 100.0 * correct / max(1, total)}
-    if text:
-        out["perplexity"] = math.exp(min(ce / max(1, total), 700.0))
-    return out
+        row_ce, conf = sharded_softmax_rows(logits, y, start, group)
+        ce += float(row_ce.sum())
+        bins = bins + calibration_bins(conf, hit).cpu()
+    return {"top1": 100.0 * correct / max(1, total),
+            "perplexity": math.exp(min(ce / max(1, total), 700.0)),
+            "ece": expected_calibration_error(bins) if total else float("nan")}
 
 
 @torch.no_grad()
@@ -77,15 +81,15 @@ def _reid(backbone, data, device, batch_size, cast):
 
 def evaluate(backbone: torch.nn.Module, weight: torch.Tensor, start: int, data,
              device: torch.device, batch_size: int, group=None) -> dict:
-    """Metrics of backbone + head shard on the held-out split(s), in percent (and
-    perplexity for text). Keys: top1 always; map, rank1 for re-ID; perplexity for text."""
+    """Metrics of backbone + head shard on the held-out split(s), in percent (perplexity:
+    per sample). Keys: top1 always; map, rank1 for re-ID; perplexity and ece (%) for every
+    classification run."""
     was_training = backbone.training
     backbone.eval()
     cast = data.task != "text"  # token ids must stay exact (bf16 rounds ids above 256)
     try:
         if data.task == "reid":
             return _reid(backbone, data, device, batch_size, cast)
-        return _classify(backbone, weight, start, data.test, device, batch_size, group, cast,
-                         data.task == "text")
+        return _classify(backbone, weight, start, data.test, device, batch_size, group, cast)
     finally:
         backbone.train(was_training)

@@ -136,11 +136,12 @@ class SoftmaxLayer:
             sharded = self.world > 1
             local, own = (local_columns(s.classes, self.start, self.end) if sharded
                           else (s.classes, None))
-        # batch_shared: o already carries MASKED where s.mask is False, so the loss needs a
-        # mask only for the columns this shard does not own.
-        mask = s.mask if s.mode != "batch_shared" else None
+        # batch_shared: o already carries MASKED where s.mask is False (masked_o below), so
+        # the torch loss needs a mask only for the columns this shard does not own.
+        shared = s.mode == "batch_shared"
+        mask = s.mask
         if sharded:
-            mask = own if mask is None else own & mask
+            mask = own if shared or mask is None else own & mask
         tgt = None
         if s.mode == "batch_shared":
             z = head.logits_sampled(feats, local, touch=own & s.mask if sharded else None,
@@ -157,7 +158,8 @@ class SoftmaxLayer:
             if lam < 1:   # column 0 of D_b is the row's target
                 tgt = arange(s.num_columns, y.device, self.workspace) == 0
                 tgt = tgt.unsqueeze(0) if not sharded else tgt & own
-        out = sampled_kd_loss(z, a, s.log_correction, T, lam, tgt, mask, self.group)
+        out = sampled_kd_loss(z, a, s.log_correction, T, lam, tgt, mask, self.group,
+                              masked_o=shared and not sharded)
         out["n_sampled"] = s.num_columns
         out["kernel_path"] = head.last_path
         return out

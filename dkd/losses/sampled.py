@@ -157,10 +157,14 @@ class _NativeSampledMixedLoss(torch.autograd.Function):
 def sampled_kd_loss(student_cols: torch.Tensor, teacher_cols: torch.Tensor,
                     log_correction: torch.Tensor, T: float, lam: float,
                     target_cols: torch.Tensor | None = None,
-                    mask: torch.Tensor | None = None, group=None) -> dict[str, torch.Tensor]:
+                    mask: torch.Tensor | None = None, group=None,
+                    masked_o: bool = False) -> dict[str, torch.Tensor]:
     """``mix(sampled_kd_terms(...), lam, T)`` fused: {"loss", "kd", "ce"} (kd/ce detached
     batch means; ce is NaN without target_cols). Same arguments as :func:`sampled_kd_terms`;
-    target_cols is required when lam < 1."""
+    target_cols is required when lam < 1. masked_o: the caller promises that o is already
+    MASKED where ``mask`` is False and that target_cols lies inside the mask (a
+    batch-shared SampleSet): the torch path then skips its mask pass, and the host kernel
+    still uses the mask to skip those columns."""
     _check_temperature(T)
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be in [0, 1], got {lam}")
@@ -175,6 +179,8 @@ def sampled_kd_loss(student_cols: torch.Tensor, teacher_cols: torch.Tensor,
             float(lam))
         return {"loss": loss, "kd": kd.detach(), "ce": ce.detach()}
     o = log_correction.to(z.dtype)                  # broadcast as given: never copied to (B, n)
+    if masked_o:
+        mask = None
     if mask is not None:                            # masked o may be junk (inf): MASKED
         o = torch.where(mask, o, scalar(MASKED, z.dtype, z.device))
     tgt = None if target_cols is None else target_cols.expand_as(z)
