@@ -8,7 +8,7 @@ export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test install clean docs gpu-check gpu-wheels
+.PHONY: demo test install clean docs gpu-check gpu-wheels text-experiment
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash launch/demo.sh
+
+# The real-text benchmark (README, "Real text"): needs Debian's fortunes or DKD_TEXT_CORPUS.
+text-experiment: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash launch/text_experiment.sh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

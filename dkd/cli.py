@@ -104,9 +104,27 @@ def fidelity(classes: int = typer.Option(1000, help="Class count C."),
              seeds: int = typer.Option(3, help="Random problems averaged."),
              methods: str = typer.Option("uniform,ftis,dis,pdbs", help="Methods to compare."),
              temperature: float = typer.Option(4.0, help="KD temperature T."),
+             run: Optional[Path] = typer.Option(None, "--run", help="A finished run directory: real training batches, its student, its teacher and its T instead of a synthetic problem (--classes, --dim, --seeds, --temperature are then ignored)."),
+             batches: int = typer.Option(2, help="With --run: training batches averaged."),
              out: Path = typer.Option(Path("fidelity.json"), "--out", help="JSON output; a .md table is written next to it.")):
-    """Compare each sampled method's gradient with the full-KD gradient (cosine, rel. error)."""
+    """Compare each sampled method's gradient with the full-KD gradient (cosine, rel. error,
+    where the error sits)."""
     from dkd.fidelity import fidelity_markdown, run_fidelity, write_fidelity
+
+    if run is not None:
+        from dkd.config import ConfigError, load_config
+        from dkd.fidelity_run import run_fidelity_of_run
+        if not (run / "config.yaml").is_file():
+            _fail(f"{run}/config.yaml not found: is {run} a dkd run directory?")
+        try:
+            records = run_fidelity_of_run(run, load_config(run / "config.yaml"), _csv(k, int),
+                                          batches=batches, methods=tuple(_csv(methods)))
+        except (ConfigError, ValueError) as err:
+            _fail(str(err))
+        md = write_fidelity(records, str(out))
+        typer.echo(fidelity_markdown(records))
+        typer.echo(f"wrote {out} and {md}")
+        return
 
     ks = [x for x in _csv(k, int) if x < classes]
     skipped = [x for x in _csv(k, int) if x not in ks]

@@ -161,11 +161,41 @@ def run_fidelity(classes: int, batch: int, ks, dim: int = 64, seeds: int = 3,
 
 def _run(classes, batch, ks, dim, seeds, methods, modes, corrections, temperature, lam,
          dis_progress, top_t) -> list[dict]:
+    problems = (make_problem(classes, batch, dim, temperature, seed=s) for s in range(seeds))
+    return run_problems(problems, ks, methods, modes, corrections, temperature, lam,
+                        dis_progress, top_t)
+
+
+def error_groups(prob: dict, top: int = 10) -> torch.Tensor:
+    """(B, C) int8 column groups of a problem, for where the gradient error sits: 0 the
+    target, 1 the teacher's top-``top`` other classes, 2 the student's top-``top`` classes
+    outside those, 3 the rest (the tail)."""
+    B, C = prob["teacher"].shape
+    top = min(top, C)
+    groups = torch.full((B, C), 3, dtype=torch.int8)
+    z = prob["features"] @ prob["weight"].t()
+    groups.scatter_(1, z.topk(top, 1).indices, 2)
+    groups.scatter_(1, prob["teacher"].topk(top, 1).indices, 1)
+    groups.scatter_(1, prob["y"].long().unsqueeze(1), 0)
+    return groups
+
+
+GROUPS = ("target", "teacher_top", "student_top", "tail")
+
+
+def run_problems(problems, ks, methods, modes, corrections, temperature, lam, dis_progress,
+                 top_t) -> list[dict]:
+    """Fidelity records averaged over ``problems`` (dicts of features (B, d), weight (C, d),
+    teacher logits (B, C), y (B,)): synthetic ones (:func:`make_problem`) or real batches
+    of a trained run (:mod:`dkd.fidelity_run`). Each record also has err_share_<group>:
+    the share of ||g − g_full||² of the logits gradient in each of :data:`GROUPS`."""
     acc: dict[tuple, list[list[float]]] = {}
-    for s in range(seeds):
-        prob = make_problem(classes, batch, dim, temperature, seed=s)
+    classes = batch = None
+    for s, prob in enumerate(problems):
+        batch, classes = prob["teacher"].shape
         prob["ranking"] = teacher_ranking(prob["teacher"])      # sort once per problem
         prob["topk"] = TopKTeacher.from_dense(prob["teacher"])  # the layer's teacher type
+        groups = error_groups(prob)
         gz_full, gw_full = _full_grads(prob, temperature, lam)
         for k in ks:
             for i, (method, mode, corr) in enumerate(
@@ -177,26 +207,34 @@ def _run(classes, batch, ks, dim, seeds, methods, modes, corrections, temperatur
                                                   lam, 1_000_003 * s + 1009 * k + i,
                                                   dis_progress, top_t)
                 rel = float((gw - gw_full).norm() / gw_full.norm())
+                err2 = (gz - gz_full).double().pow(2)
+                shares = [float(err2[groups == g].sum()) for g in range(len(GROUPS))]
+                total = max(sum(shares), 1e-300)
                 acc.setdefault((method, mode, corr, k), []).append(
-                    [cols, _cos(gz, gz_full), _cos(gw, gw_full), rel])
+                    [cols, _cos(gz, gz_full), _cos(gw, gw_full), rel]
+                    + [x / total for x in shares])
     records = []
     for (method, mode, corr, k), rows in acc.items():
         mean = torch.tensor(rows, dtype=torch.float64).mean(0).tolist()
         records.append({"method": method, "mode": mode, "correction": corr,
                         "classes": classes, "k": k, "batch": batch, "columns": mean[0],
                         "cosine_logits": mean[1], "cosine_weight": mean[2],
-                        "rel_err": mean[3]})
+                        "rel_err": mean[3],
+                        **{f"err_share_{g}": mean[4 + j] for j, g in enumerate(GROUPS)}})
     return records
 
 
 def fidelity_markdown(records: list[dict]) -> str:
     """Records as a markdown table, sorted by classes, k, method, mode, correction."""
     head = ("| C | k | method | mode | correction | cols/row | cos logits | cos weight "
-            "| rel err |\n|---|---|---|---|---|---|---|---|---|\n")
+            "| rel err | error in target / teacher top-10 / student top-10 / tail |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
     key = lambda r: (r["classes"], r["k"], r["method"], r["mode"], r["correction"])
+    share = lambda r: " / ".join(f"{100 * r.get(f'err_share_{g}', math.nan):.0f}%"
+                                 for g in GROUPS)
     rows = [f"| {r['classes']} | {r['k']} | {r['method']} | {r['mode']} | "
             f"{r['correction']} | {r['columns']:.0f} | {r['cosine_logits']:.4f} | "
-            f"{r['cosine_weight']:.4f} | {r['rel_err']:.3f} |"
+            f"{r['cosine_weight']:.4f} | {r['rel_err']:.3f} | {share(r)} |"
             for r in sorted(records, key=key)]
     return head + "\n".join(rows) + "\n"
 

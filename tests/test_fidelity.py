@@ -82,3 +82,33 @@ def test_fidelity_command_writes_json_and_markdown(tmp_path):
             assert key in r
         assert -1.0 <= r["cosine_logits"] <= 1.0
     assert out.with_suffix(".md").is_file()
+
+
+def test_fidelity_of_a_trained_run_through_the_cli(tmp_path, teacher_dir):
+    """`dkd fidelity --run DIR`: real batches of a distilled run (its student, its teacher);
+    the error shares of every record add up to 1, and more draws get closer to full KD."""
+    from conftest import run_cli, train_run
+
+    train_run(tmp_path, "s", "method.name=kd", f"teacher.checkpoint={teacher_dir}")
+    out = tmp_path / "fid.json"
+    proc = run_cli(["fidelity", "--run", str(tmp_path / "s"), "--k", "4,16", "--batches", "2",
+                    "--methods", "dis,uniform", "--out", str(out)])
+    assert "error in target" in proc.stdout
+    recs = json.loads(out.read_text())
+    assert {r["method"] for r in recs} == {"dis", "uniform"} and recs[0]["classes"] == 20
+    for r in recs:
+        shares = [r[f"err_share_{g}"] for g in ("target", "teacher_top", "student_top", "tail")]
+        assert sum(shares) == pytest.approx(1.0) and min(shares) >= 0
+        assert -1.0 <= r["cosine_weight"] <= 1.0
+    for method in ("dis", "uniform"):
+        by_k = {r["k"]: r["cosine_logits"] for r in recs
+                if r["method"] == method and r["mode"] == "per_sample"}
+        assert by_k[16] > by_k[4]
+
+
+def test_fidelity_run_needs_a_finished_run(tmp_path):
+    from conftest import run_cli
+
+    (tmp_path / "x").mkdir()
+    proc = run_cli(["fidelity", "--run", str(tmp_path / "x")], check=False)
+    assert proc.returncode == 2 and "config.yaml not found" in (proc.stdout + proc.stderr)
