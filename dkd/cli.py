@@ -103,8 +103,8 @@ def fidelity(classes: int = typer.Option(1000, help="Class count C."),
              dim: int = typer.Option(64, help="Feature dimension d."),
              seeds: int = typer.Option(3, help="Random problems averaged."),
              methods: str = typer.Option("uniform,ftis,dis,pdbs", help="Methods to compare."),
-             temperature: float = typer.Option(4.0, help="KD temperature T."),
-             run: Optional[Path] = typer.Option(None, "--run", help="A finished run directory: real training batches, its student, its teacher and its T instead of a synthetic problem (--classes, --dim, --seeds, --temperature are then ignored)."),
+             temperature: Optional[float] = typer.Option(None, help="KD temperature T (default 4; with --run, the run's)."),
+             run: Optional[Path] = typer.Option(None, "--run", help="A finished run directory: real training batches, its student, its teacher and its T instead of a synthetic problem (--classes, --dim, --seeds are then ignored)."),
              batches: int = typer.Option(2, help="With --run: training batches averaged."),
              out: Path = typer.Option(Path("fidelity.json"), "--out", help="JSON output; a .md table is written next to it.")):
     """Compare each sampled method's gradient with the full-KD gradient (cosine, rel. error,
@@ -118,7 +118,8 @@ def fidelity(classes: int = typer.Option(1000, help="Class count C."),
             _fail(f"{run}/config.yaml not found: is {run} a dkd run directory?")
         try:
             records = run_fidelity_of_run(run, load_config(run / "config.yaml"), _csv(k, int),
-                                          batches=batches, methods=tuple(_csv(methods)))
+                                          batches=batches, methods=tuple(_csv(methods)),
+                                          temperature=temperature)
         except (ConfigError, ValueError) as err:
             _fail(str(err))
         md = write_fidelity(records, str(out))
@@ -134,7 +135,8 @@ def fidelity(classes: int = typer.Option(1000, help="Class count C."),
         _fail(f"--k: every k must be < --classes ({classes}); got {k}")
     try:
         records = run_fidelity(classes, batch, ks, dim=dim, seeds=seeds,
-                               methods=tuple(_csv(methods)), temperature=temperature)
+                               methods=tuple(_csv(methods)),
+                               temperature=4.0 if temperature is None else temperature)
     except ValueError as err:
         _fail(str(err))
     md = write_fidelity(records, str(out))

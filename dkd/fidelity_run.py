@@ -59,9 +59,9 @@ def run_fidelity_of_run(run_dir: Path, cfg: RunConfig, ks, batches: int = 2,
                         methods=("uniform", "ftis", "dis", "pdbs"),
                         modes=("per_sample", "batch_shared", "hybrid"),
                         corrections=("expected",), top_t: int | None = None,
-                        seed: int = 0) -> list[dict]:
-    """Fidelity records of a trained run at its end: the run's temperature, the KD term
-    alone (lam = 1), DIS at the end of its schedule, the run's top_t unless given."""
+                        seed: int = 0, temperature: float | None = None) -> list[dict]:
+    """Fidelity records of a trained run at its end: the KD term alone (lam = 1), DIS at
+    the end of its schedule, the run's temperature and top_t unless given."""
     problems = run_batches(run_dir, cfg, batches, seed=seed)
     C = problems[0]["teacher"].shape[1]
     ks = [k for k in ks if k < C]
@@ -71,12 +71,12 @@ def run_fidelity_of_run(run_dir: Path, cfg: RunConfig, ks, batches: int = 2,
     saved = torch.get_num_threads()
     torch.set_num_threads(1)    # many small ops: extra threads only add contention
     try:
-        records = run_problems(problems, ks, methods, modes, corrections,
-                               cfg.method.temperature, 1.0, 1.0, t)
+        T = cfg.method.temperature if temperature is None else temperature
+        records = run_problems(problems, ks, methods, modes, corrections, T, 1.0, 1.0, t)
     finally:
         torch.set_num_threads(saved)
     for r in records:
-        r["run"] = str(run_dir)
+        r["run"], r["temperature"] = str(run_dir), T
     return records
 
 

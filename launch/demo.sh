@@ -49,3 +49,12 @@ for name in ("teacher", "student-hard", "student-kd", "student-dis",
           f"{s['top1']:>8.2f} {ms[len(ms) // 2]:>10.2f}")
 print(f"\nprofiling report: {(out / 'report' / 'report.md').resolve()}")
 PY
+
+# The real-text benchmark is too long for the demo (about an hour on 2 cores): point to it.
+if [ -f runs/text/report/report.md ]; then
+    echo "real-text benchmark (make text-experiment): $(cd runs/text/report && pwd)/report.md"
+elif [ -d /usr/share/games/fortunes ]; then
+    echo "real text: 'make text-experiment' distils a 20,001-word vocabulary from the fortunes corpus"
+else
+    echo "real text: apt-get install fortunes (or set DKD_TEXT_CORPUS=FILE.txt), then 'make text-experiment'"
+fi
