@@ -121,14 +121,12 @@ def _batch_shared(teacher, y, proposal, m, top_t, correction, key, ws, shard=Non
     # repeats are masked. Counts by a segment sum onto each class's first column, of
     # weights 1/m (a draw; D columns weigh 1, any positive value: their o is 0), so that
     # r̄ / count' = m r̄ / count.
-    if valid is None:
-        w = _cached(ws, ("w_count", nD, m, str(dev)), lambda: torch.where(
-            is_d, 1.0, 1.0 / m).double())
-        keep = first
-    else:
-        w = torch.cat([w_d := torch.ones(nD, dtype=torch.float64, device=dev),
-                       valid.double() * (1.0 / m)])
-        keep = first & torch.cat([w_d > 0, valid])
+    w = _cached(ws, ("w_count", nD, m, str(dev)), lambda: torch.where(
+        is_d, 1.0, 1.0 / m).double())
+    keep = first
+    if valid is not None:              # stratified: pad slots count nothing, are masked
+        used = torch.cat([is_d[:nD], valid])
+        w, keep = w * used, first & used
     count = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, rep, w)
     o = torch.div(rbar, count.index_select(0, rep)).log_()          # log(m r̄ / count)
     if correction == "paper":
