@@ -167,6 +167,13 @@ class MethodConfig(_Section):
     """Sampled methods with C above this see the teacher as its top-K classes plus the
     KD-topk completion (the rest spread evenly): sampling costs O(B K), not a B x C sort.
     C <= this: the exact teacher ranking is used."""
+    exact_teacher_columns: bool = True
+    """Sampled methods with a live teacher and C > sampling_topk: the teacher logit of every
+    sampled column is computed exactly from the teacher's features and head rows (False:
+    classes outside the top-K take the even completion, as from a top-K store)."""
+    full_every: int = Field(0, ge=0)
+    """Sampled methods: every this many (micro-)steps take one full-softmax KD step over all
+    C classes instead (0 = never): it re-anchors the rows the sampler rarely draws."""
     correction: Literal["expected", "paper"] = "expected"
     """Log correction of sampled classes: log(m r) (consistent) or Algorithm 1 as printed."""
     sim_temperature: float = Field(0.1, gt=0)
@@ -204,6 +211,10 @@ class OptimConfig(_Section):
     """Peak learning rate."""
     head_lr: Optional[float] = Field(None, gt=0)
     """Peak learning rate of the head (same schedule). Default: `lr`."""
+    head_catchup: int = Field(0, ge=0)
+    """Adam/AdamW head, sampled methods: scale a row's step by the steps since it was last
+    updated, capped at this (0 = off), so rarely drawn rows move as far per step as under
+    dense Adam (see README, "Rare rows and the lazy optimizer")."""
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     """SGD / RMSProp momentum."""
     weight_decay: float = Field(0.0, ge=0.0)
@@ -212,6 +223,13 @@ class OptimConfig(_Section):
     """Linear warm-up from 0 to `lr`, in optimizer steps."""
     schedule: Literal["constant", "cosine"] = "cosine"
     """Decay after warm-up: constant, or cosine to 0 at `train.steps`."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.head_catchup and (self.head_name or self.name) not in ("adam", "adamw"):
+            raise ValueError("head_catchup applies to an adam / adamw head, not "
+                             f"{self.head_name or self.name!r} (set optim.head_catchup=0)")
+        return self
 
 
 class TrainConfig(_Section):

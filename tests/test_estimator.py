@@ -194,3 +194,45 @@ def test_masked_column_is_the_same_as_a_dropped_column():
     ref = sampled_kd_terms(z[1:2, keep], a[1:2, keep], o[keep], T, tgt[1:2, keep])
     torch.testing.assert_close(out["kd"][1:2], ref["kd"])
     torch.testing.assert_close(out["ce"][1:2], ref["ce"])
+
+
+# ---- a top-K teacher: exact logits at the sampled columns vs the even completion ----
+
+@pytest.mark.parametrize("mode", ["batch_shared", "per_sample", "hybrid"])
+def test_exact_teacher_columns_converge_to_kd_with_the_true_teacher(mode):
+    """Through the training layer, with the teacher given as its top-5 of 50 classes: with
+    the teacher's features and head (exact logits at every sampled column) the mean
+    feature gradient converges to full KD against the true teacher; with the even
+    completion of the tail it converges to KD against the completed teacher instead."""
+    from dkd.config import MethodConfig
+    from dkd.engine.softmax_layer import SoftmaxLayer
+    from dkd.head.head import ShardedHead
+    from dkd.sampling.teacher_batch import TopKTeacher, completion_logit
+
+    g = torch.Generator().manual_seed(2)
+    f_t, W_t = torch.randn(B, 8, generator=g), torch.randn(C, 8, generator=g) / 2
+    a = f_t @ W_t.T              # a spread-out tail, unlike the even completion
+    y = a.argmax(1)
+    feats = torch.randn(B, D_, generator=g)
+    vals, ids = a.topk(5, 1)
+    lse = a.logsumexp(1)
+
+    def grad(teacher, name="dis", step=0):
+        head = ShardedHead(C, D_, None, init_std=0.5, seed=3)
+        cfg = MethodConfig(name=name, k=4 * C, mode=mode, temperature=1.0, lam=1.0,
+                           sampling_topk=5)
+        layer = SoftmaxLayer(cfg, C, 0, C, None, total_steps=2)
+        x = feats.clone().requires_grad_(True)
+        layer(x, head, y, teacher, None, step)["loss"].backward()
+        return x.grad
+
+    exact = TopKTeacher(ids, vals, lse, C, feats=f_t, head=W_t)
+    even = TopKTeacher(ids, vals, lse, C, rest=completion_logit(vals, lse, C))
+    full_true = grad(TopKTeacher.from_dense(a, rank=False), "kd")
+    full_even = grad(TopKTeacher.from_dense(even.dense(), rank=False), "kd")
+    mean = {name: sum(grad(t, step=s) for s in range(300)) / 300
+            for name, t in (("exact", exact), ("even", even))}
+    assert _cos(mean["exact"], full_true) > 0.995
+    assert _cos(mean["even"], full_even) > 0.995
+    # the completion's bias is several times the exact path's sampling noise
+    assert 1 - _cos(mean["even"], full_true) > 3 * (1 - _cos(mean["exact"], full_true))

@@ -17,29 +17,35 @@ def test_status_and_disabled():
     assert native.available()
 
 
-@pytest.mark.parametrize("kind,wd", [("adam", 0.0), ("adam", 0.01), ("adamw", 0.05)])
-def test_row_adam_matches_torch_path(kind, wd):
-    """Sparse steps with repeated rows, then a dense step: weights, moments and per-row
-    step counts agree with the torch path; the caller's gradient is left untouched."""
+@pytest.mark.parametrize("kind,wd,catchup", [("adam", 0.0, 0), ("adam", 0.01, 0),
+                                             ("adamw", 0.05, 0), ("adam", 0.0, 5),
+                                             ("adamw", 0.05, 3)])
+def test_row_adam_matches_torch_path(kind, wd, catchup):
+    """Sparse steps with repeated rows, then a dense step: weights, moments, per-row step
+    counts (and catch-up clocks) agree with the torch path; the caller's gradient is left
+    untouched."""
     gen = torch.Generator().manual_seed(0)
     C, d = 40, 24
     w_nat = torch.randn(C, d, generator=gen)
     w_ref = w_nat.clone()
-    nat = SparseRowOptimizer(w_nat, kind, lr=1e-2, weight_decay=wd)
-    ref = SparseRowOptimizer(w_ref, kind, lr=1e-2, weight_decay=wd)
+    nat = SparseRowOptimizer(w_nat, kind, lr=1e-2, weight_decay=wd, catchup=catchup)
+    ref = SparseRowOptimizer(w_ref, kind, lr=1e-2, weight_decay=wd, catchup=catchup)
     for step in range(12):
         rows = torch.randint(0, C, (30,), generator=gen)
         grad = torch.randn(30, d, generator=gen)
         kept = grad.clone()
-        nat.step(rows, grad)
+        nat.step(rows, grad, clock=step + 1)
         with native.disabled():
-            ref.step(rows, grad)
+            ref.step(rows, grad, clock=step + 1)
         assert torch.equal(grad, kept)
         assert nat.last_impl == "native" and ref.last_impl == "torch"
     dense = torch.randn(C, d, generator=gen)
-    nat.step(None, dense)
+    nat.step(None, dense, clock=13)
     with native.disabled():
-        ref.step(None, dense)
+        ref.step(None, dense, clock=13)
+    if catchup:
+        assert torch.equal(nat.state["last"], ref.state["last"])
+        assert (nat.state["last"] == 13).all()
     torch.testing.assert_close(w_nat, w_ref, rtol=1e-5, atol=1e-6)
     for name in ("exp_avg", "exp_avg_sq"):
         torch.testing.assert_close(nat.state[name], ref.state[name], rtol=1e-5, atol=1e-7)

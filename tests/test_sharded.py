@@ -145,3 +145,19 @@ def test_sampled_methods_never_build_full_student_logits(name, mode, monkeypatch
     # fixed shapes: batch_shared computes all B targets + k draw slots (masked repeats),
     # the per-row modes 1 + k columns per row
     assert out["n_sampled"] == (B + 2 if mode == "batch_shared" else 1 + 2)
+
+
+def test_full_every_takes_the_kd_step_on_its_steps():
+    """method.full_every = 3: (micro-)steps 2, 5, ... are full-softmax KD steps (the KD
+    layer's loss and head gradient exactly); the others stay sampled."""
+    x, y, teacher, w_bb, _ = _problem()
+    t = TopKTeacher.from_dense(teacher, rank=False)
+    outs = {}
+    for name, every in (("dis", 3), ("kd", 0)):
+        head = ShardedHead(C, D, None, init_std=0.5, seed=3)
+        layer = SoftmaxLayer(MethodConfig(name=name, k=2, full_every=every), C, 0, C, None,
+                             total_steps=10)
+        outs[name] = [layer(x @ w_bb.T, head, y, t, None, step) for step in (1, 2)]
+    assert outs["dis"][0]["n_sampled"] == B + 2 and outs["dis"][1]["n_sampled"] == C
+    torch.testing.assert_close(outs["dis"][1]["loss"], outs["kd"][1]["loss"])
+    torch.testing.assert_close(outs["dis"][1]["kd"], outs["kd"][1]["kd"])

@@ -153,3 +153,35 @@ def test_more_duplicate_rows_than_the_shard_has():
     dense_w.grad = torch.zeros(4, 3).index_add_(0, rows, g)
     ref.step()
     torch.testing.assert_close(w, dense_w.detach())
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+def test_catchup_scales_a_row_step_by_its_gap(kind):
+    """With catch-up, a row last updated g steps ago moves min(g, cap) times as far as the
+    plain lazy step of the same state; rows updated every step are unchanged by it."""
+    w0 = torch.randn(C, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    a, b = w0.clone(), w0.clone()
+    cu = SparseRowOptimizer(a, kind, lr=0.1, weight_decay=0.01, catchup=3)
+    plain = SparseRowOptimizer(b, kind, lr=0.1, weight_decay=0.01)
+    g = _grads(6, 2, seed=7)
+    schedule = {1: [0, 5], 2: [0], 3: [0], 4: [0], 5: [0, 5], 6: [0, 8]}
+    for step, rows in schedule.items():
+        rows_t, grad = torch.tensor(rows), g[step - 1][:len(rows)]
+        before = b.clone()
+        cu.step(rows_t, grad, unique=True, clock=step)
+        gap = {0: 1, 5: 1 if step == 1 else 3, 8: 3}   # row 5: gap 4 capped at 3; row 8: first
+        lrs = [0.1 * gap[r] for r in rows]
+        for r, lr in zip(rows, lrs):    # the plain optimizer, row by row at the gap's lr
+            plain.step(torch.tensor([r]), grad[rows.index(r)].unsqueeze(0), lr=lr, unique=True)
+        torch.testing.assert_close(a, b)
+        assert not torch.equal(b, before)
+    assert cu.state["last"].tolist() == [6, 0, 0, 0, 0, 5, 0, 0, 6, 0, 0, 0]
+
+
+def test_catchup_needs_a_clock_and_an_adaptive_kind():
+    with pytest.raises(ValueError, match="adam / adamw only"):
+        SparseRowOptimizer(torch.zeros(C, D), "sgd", catchup=4)
+    opt = SparseRowOptimizer(torch.zeros(C, D), "adam", catchup=4)
+    with pytest.raises(ValueError, match="clock"):
+        opt.step(ROWS, torch.ones(3, D))
+    assert "last" in opt.rows_state(0, C) and opt.hparams()["catchup"] == 4

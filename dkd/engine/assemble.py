@@ -61,7 +61,7 @@ def head_optimizer(head: ShardedHead, cfg: RunConfig) -> SparseRowOptimizer:
     o = cfg.optim
     kind = o.head_name or o.name
     return head.make_optimizer(kind, lr=head_lr(o.lr, o), momentum=o.momentum,
-                               weight_decay=o.weight_decay)
+                               weight_decay=o.weight_decay, catchup=o.head_catchup)
 
 
 def check_inputs(cfg: RunConfig, ctx: DistContext) -> tuple[DataBundle, Any]:

@@ -78,9 +78,11 @@ def micro_step(p: TrainParts, cfg: RunConfig, micro: int, timer: RegionTimer) ->
         if p.teacher is None:
             t_local = None
         elif K:
-            ids_k, val_k, lse_k = p.teacher.topk(x, local_ids, K)
+            ids_k, val_k, lse_k, f_k = p.teacher.topk(x, local_ids, K)
             # The completion logit is per sample: each rank computes its own rows'.
             t_local = (ids_k, val_k, lse_k, completion_logit(val_k, lse_k, p.data.num_classes))
+            if f_k is not None and cfg.method.exact_teacher_columns:
+                t_local += (f_k,)    # a live teacher's features: exact logits at any column
         else:
             t_local = p.teacher.logits(x, local_ids)
     with timer.region("backbone_fwd"):
@@ -91,8 +93,11 @@ def micro_step(p: TrainParts, cfg: RunConfig, micro: int, timer: RegionTimer) ->
         y_g = gather_rows_nograd(y, group, sizes)
         t_g = t_local
         if isinstance(t_local, tuple):
-            ids_g, val_g, lse_g, rest_g = (gather_rows_nograd(t, group, sizes) for t in t_local)
-            t_g = TopKTeacher(ids_g, val_g, lse_g, p.data.num_classes, rest=rest_g)
+            ids_g, val_g, lse_g, rest_g, *f_g = (gather_rows_nograd(t, group, sizes)
+                                                 for t in t_local)
+            t_g = TopKTeacher(ids_g, val_g, lse_g, p.data.num_classes, rest=rest_g,
+                              feats=f_g[0] if f_g else None,
+                              head=p.teacher.head_weight if f_g else None)
         elif t_local is not None:   # a dense teacher is the K = C case of the same type
             t_g = TopKTeacher.from_dense(gather_rows_nograd(t_local, group, sizes), rank=False)
     # The head and loss run on a detached fp32 copy of the features, so their forward and
@@ -117,7 +122,7 @@ def train_step(p: TrainParts, cfg: RunConfig, step: int, timer: RegionTimer) -> 
     gas = cfg.dist.grad_accum
     outs = [micro_step(p, cfg, step * gas + i, timer) for i in range(gas)]
     with timer.region("softmax_layer"), timer.region("optimizer"):
-        p.head.apply_grads(p.head_opt, lr=head_lr(p.lr, cfg.optim))
+        p.head.apply_grads(p.head_opt, lr=head_lr(p.lr, cfg.optim), clock=step + 1)
     if p.layer.proposal is not None:
         p.layer.proposal.advance()
     if gas == 1:

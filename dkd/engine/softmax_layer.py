@@ -85,6 +85,9 @@ class SoftmaxLayer:
         self.cfg, self.C, self.start, self.end, self.group = cfg, num_classes, start, end, group
         self.seed, self.check_sync = seed, check_sync
         self.proposal = build_method_proposal(cfg, total_steps)
+        # The full-softmax target; a sampled method's occasional full step is its KD step.
+        self.full_cfg = (cfg.model_copy(update={"name": "kd"}) if cfg.name in SAMPLED_METHODS
+                         else cfg)
         self.workspace: dict = {}  # the sampler's slot map and cached index tensors
         # > 0: the engine hands sampled methods the teacher's top-K, not (B, C) logits.
         self.teacher_topk = (cfg.sampling_topk if cfg.name in SAMPLED_METHODS
@@ -103,14 +106,15 @@ class SoftmaxLayer:
         y (B,); teacher: the batch's TopKTeacher or None (hard labels); teacher_weight
         (C, d_t) or None (KD-sim); step: the (micro-)step, which keys the draws."""
         lam, T = mixing(self.cfg)
-        if self.cfg.name in SAMPLED_METHODS:
+        every = self.cfg.full_every
+        if self.cfg.name in SAMPLED_METHODS and not (every and step % every == every - 1):
             out = self.sampled(feats, head, y, teacher, step, lam, T)
         elif self.cfg.name == "pdbs":
             out = self._pdbs(feats, head, y, teacher.dense(), lam, T)
         else:
             z = head.logits_full(feats)                              # (B, C_local)
             dense = None if teacher is None else teacher.dense()
-            p = teacher_target(self.cfg, dense, teacher_weight, y, self.C)
+            p = teacher_target(self.full_cfg, dense, teacher_weight, y, self.C)
             p = None if p is None else p[:, self.start:self.end]
             terms = full_kd_terms(z, p, y if lam < 1 else None, T, self.group, self.start)
             out = mix(terms, lam, T)
@@ -123,10 +127,13 @@ class SoftmaxLayer:
         training, the benchmark and the fidelity check share."""
         cfg = self.cfg
         shard = (self.bounds, group_rank(self.group)) if self.stratified else None
-        return draw_sample_set(teacher, y, self.proposal, cfg.k, mode=cfg.mode,
+        s, a = draw_sample_set(teacher, y, self.proposal, cfg.k, mode=cfg.mode,
                                top_t=cfg.top_t, correction=cfg.correction,
                                key=draw_key(self.seed, step), shard=shard,
                                workspace=self.workspace)
+        if teacher.exact:   # the teacher's own logits, not the top-K completion
+            a = teacher.logits_at(s.classes).to(a.dtype)
+        return s, a
 
     def sampled(self, feats, head, y, teacher, step: int, lam: float, T: float) -> dict:
         with self.region("sampling"):

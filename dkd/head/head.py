@@ -123,10 +123,12 @@ class ShardedHead(nn.Module):
         self._pending.clear()
 
     @torch.no_grad()
-    def apply_grads(self, optimizer: SparseRowOptimizer, lr: float | None = None) -> int:
+    def apply_grads(self, optimizer: SparseRowOptimizer, lr: float | None = None,
+                    clock: int | None = None) -> int:
         """Step ``optimizer`` once with the row gradients of every logits call since the
         last call (several calls, e.g. micro-batches, are summed row-wise). Returns the
-        number of gradient rows handed to the optimizer (duplicates counted)."""
+        number of gradient rows handed to the optimizer (duplicates counted). clock: the
+        optimizer step, for an optimizer with catch-up."""
         if optimizer.weight is not self.weight:
             raise ValueError("optimizer must be built on this head's weight (build it after "
                              "moving the head to its device)")
@@ -136,7 +138,7 @@ class ShardedHead(nn.Module):
             # one hybrid call: dense + factored rows, summed by the optimizer itself
             self._pending.clear()
             rows_d, g_d, factored = split
-            optimizer.step(rows_d, g_d, lr, factored=factored, touch=one.touch)
+            optimizer.step(rows_d, g_d, lr, factored=factored, touch=one.touch, clock=clock)
             return rows_d.numel() + factored[0].numel()
         got = [(h, h.collect()) for h in self._pending]
         got = [(h, rg) for h, rg in got if rg is not None]
@@ -145,7 +147,7 @@ class ShardedHead(nn.Module):
             return 0
         if len(got) == 1 and got[0][1][0] is None:
             # One full-softmax call: its (C_local, d) gradient is the step's (no copy).
-            optimizer.step(None, got[0][1][1], lr)
+            optimizer.step(None, got[0][1][1], lr, clock=clock)
             return self.num_local
         if any(rows is None for _, (rows, _g) in got):
             # A full-softmax call touched every row: the step is dense anyway.
@@ -157,18 +159,20 @@ class ShardedHead(nn.Module):
                     if h.touch is not None:
                         g = g * h.touch.unsqueeze(1)
                     dense.index_add_(0, rows, g)
-            optimizer.step(None, dense, lr)
+            optimizer.step(None, dense, lr, clock=clock)
             return self.num_local
         if len(got) == 1:
             h, (rows, g) = got[0]
-            optimizer.step(rows, g, lr, unique=h.unique, touch=h.touch, first=h.first)
+            optimizer.step(rows, g, lr, unique=h.unique, touch=h.touch, first=h.first,
+                           clock=clock)
             return rows.numel()
         rows = torch.cat([rg[0] for _, rg in got])
         touch = None
         if any(h.touch is not None for h, _ in got):
             touch = torch.cat([torch.ones_like(rg[0], dtype=torch.bool) if h.touch is None
                                else h.touch for h, rg in got])
-        optimizer.step(rows, torch.cat([rg[1] for _, rg in got]), lr, unique=False, touch=touch)
+        optimizer.step(rows, torch.cat([rg[1] for _, rg in got]), lr, unique=False, touch=touch,
+                       clock=clock)
         return rows.numel()
 
     # ---------------------------------------------------------------- checkpoints

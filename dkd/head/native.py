@@ -80,7 +80,7 @@ def _build() -> ctypes.CDLL:
     P, I, D, N = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     for name, args, res in (
             ("dkd_row_adam", [P, P, P, P, I, I, P, I, P, P, I, P, P, P, I, D, D, D, D, D, N, N,
-                              P, P], I),
+                              P, P, P, ctypes.c_float, ctypes.c_float], I),
             ("dkd_gather_dot", [P, I, P, P, I, P, I, I, I], N),
             ("dkd_gather_axpy", [P, P, I, P, I, P, I, I, I], N),
             ("dkd_sampled_loss", [P, P, P, I, P, I, P, I, I, I, D, D, P, P], None)):
@@ -140,7 +140,7 @@ _THREADED_ELEMENTS = 2 ** 18
 
 def row_adam(weight, exp_avg, exp_avg_sq, step, rows, grad, lr: float, betas, eps: float,
              weight_decay: float, decoupled: bool, slot: torch.Tensor | None = None,
-             factored=None) -> int:
+             factored=None, catchup=None) -> int:
     """One lazy Adam (decoupled: AdamW) step, in place, on the rows ``rows`` (n,) int64 of
     the (C, d) float32 ``weight`` and moments with ``grad`` (n, d), bumping ``step`` (C,)
     float32 per row; rows=None: every row (grad (C, d)). Returns the distinct rows updated.
@@ -149,6 +149,8 @@ def row_adam(weight, exp_avg, exp_avg_sq, step, rows, grad, lr: float, betas, ep
     rows, coef[i] · x[src[i]] for row rows_f[i], never materialised. slot: (C,) int64
     scratch, required when rows repeat or ``factored`` is given: each distinct row's
     gradients are then summed (factored ones first, in order). Inputs are not modified.
+    catchup: optional (last (C,) float32, clock, cap): each updated row's lr is scaled by
+    min(clock - last[row], cap) and last[row] = clock.
     Callers check :func:`supports` on every tensor."""
     d = weight.shape[1]
     n_d = weight.shape[0] if rows is None else rows.numel()
@@ -159,14 +161,15 @@ def row_adam(weight, exp_avg, exp_avg_sq, step, rows, grad, lr: float, betas, ep
     n = n_d + n_f
     threads = torch.get_num_threads() if n * d >= _THREADED_ELEMENTS else 1
     scratch = None if slot is None else torch.empty(5 * n + 2, dtype=torch.int64)
+    last, clock, cap = catchup if catchup is not None else (None, 0.0, 0.0)
     u = _lib.dkd_row_adam(
         weight.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), step.data_ptr(),
         weight.shape[0], d, _ptr(rows), n_d, grad.data_ptr(), _ptr(rows_f), n_f, _ptr(coef),
         _ptr(src), _ptr(x), 0 if x is None else x.shape[0], float(lr), float(betas[0]),
         float(betas[1]), float(eps), float(weight_decay), int(decoupled), threads, _ptr(slot),
-        _ptr(scratch))
+        _ptr(scratch), _ptr(last), float(clock), float(cap))
     _ok(u, "rows", weight.shape[0])
-    _written(weight, exp_avg, exp_avg_sq, step)
+    _written(weight, exp_avg, exp_avg_sq, step, *(() if last is None else (last,)))
     return u
 
 

@@ -14,6 +14,14 @@ global count would instead treat a fresh row's nearly-empty moments as fully war
 When every step touches the same rows, the result on those rows equals the dense
 torch.optim (SGD with momentum / Adam / AdamW) run on those rows alone.
 
+Catch-up (``catchup`` = cap > 0, Adam / AdamW): Adam's step has about the same size
+whatever the gradient's scale, so a sampled row's larger importance weight does not make
+up for its rarer updates: a row drawn with probability π moves π times as far per step as
+under dense Adam. With catch-up, each row remembers the step (``clock``) it was last
+updated and its step is scaled by min(steps since then, cap): the expected movement per
+step is dense Adam's again (E[gap] = 1/π), the cap bounds one jump. SGD needs none (its
+update is linear in the importance-weighted gradient, so it is already unbiased).
+
 Duplicates in ``rows`` are allowed and their gradients are summed (the sampler keeps
 repeated classes as columns). That is done in fixed shapes, without a sort or ``unique``:
 a persistent (C_local,) slot map gives each entry the first entry naming its row
@@ -28,6 +36,7 @@ import torch
 from dkd.head import native
 
 KINDS = ("sgd", "adam", "adamw", "rmsprop")
+_ROW_SCALARS = ("step", "last")     # (C_local,) state: bookkeeping, not (C_local, d) rows
 
 
 class SparseRowOptimizer:
@@ -39,13 +48,14 @@ class SparseRowOptimizer:
     the gradient), decoupled decay for adamw, applied to touched rows only. RMSProp follows
     torch.optim.RMSprop (centered=False), momentum included.
     chunk_rows: rows updated per pass when ``rows`` are unique (None: ~1 MiB per buffer on
-    a host, all rows at once on an accelerator).
+    a host, all rows at once on an accelerator). catchup: cap of the catch-up factor (0:
+    off; Adam / AdamW only; see the module docstring); ``step`` then needs ``clock``.
     """
 
     def __init__(self, weight: torch.Tensor, kind: str = "adamw", lr: float = 1e-3,
                  momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, nesterov: bool = False,
-                 chunk_rows: int | None = None, alpha: float = 0.99):
+                 chunk_rows: int | None = None, alpha: float = 0.99, catchup: int = 0):
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError("weight must be a (C_local, d) tensor")
         if weight.requires_grad:
@@ -62,6 +72,11 @@ class SparseRowOptimizer:
             raise ValueError(f"betas must be two floats in [0, 1), got {betas}")
         if not eps >= 0.0 or not weight_decay >= 0.0:
             raise ValueError(f"eps and weight_decay must be >= 0, got {eps}, {weight_decay}")
+        if catchup and kind not in ("adam", "adamw"):
+            raise ValueError(f"catchup applies to adam / adamw only (got kind {kind!r}): SGD's "
+                             "update is already linear in the importance-weighted gradient")
+        if not isinstance(catchup, int) or catchup < 0:
+            raise ValueError(f"catchup must be an int >= 0, got {catchup!r}")
         self.weight, self.kind, self.lr = weight, kind, float(lr)
         self.momentum, self.betas, self.eps = float(momentum), tuple(map(float, betas)), float(eps)
         self.weight_decay, self.nesterov = float(weight_decay), bool(nesterov)
@@ -77,6 +92,11 @@ class SparseRowOptimizer:
             # Per-row step counts, float32 like torch.optim's ``step`` (exact to 2^24).
             self.state["step"] = torch.zeros(weight.shape[0], dtype=torch.float32,
                                              device=weight.device)
+        self.catchup = catchup
+        if catchup:     # the clock of each row's last update (float32: exact to 2^24)
+            self.state["last"] = torch.zeros(weight.shape[0], dtype=torch.float32,
+                                             device=weight.device)
+        self._clock = 0.0
         self._max_t, self._table = 0, None      # Adam's bias-correction table (by step t)
         # Slot map for coalescing duplicate rows without a sort; content is scratch.
         self._slot = torch.zeros(weight.shape[0], dtype=torch.long, device=weight.device)
@@ -97,7 +117,7 @@ class SparseRowOptimizer:
     @torch.no_grad()
     def step(self, rows: torch.Tensor | None, grad: torch.Tensor, lr: float | None = None,
              unique: bool = False, factored=None, touch: torch.Tensor | None = None,
-             first: torch.Tensor | None = None) -> None:
+             first: torch.Tensor | None = None, clock: int | None = None) -> None:
         """Update ``rows`` (u,) of the weight with ``grad`` (u, d); rows=None: all rows.
 
         unique=True promises that ``rows`` has no duplicates and skips coalescing.
@@ -111,8 +131,14 @@ class SparseRowOptimizer:
         (factored first): a row is stepped iff some entry of it is touched (sharded runs
         compute placeholder columns on rows they must not step). Neither ``grad`` nor
         ``factored`` is modified. Every shape is fixed by the inputs' (no host reads).
+        clock: the optimizer step (1, 2, ...), required with catch-up: the train loop's, so
+        that a resumed run computes the same gaps.
         """
         lr = self.lr if lr is None else float(lr)
+        if self.catchup:
+            if clock is None:
+                raise ValueError("an optimizer with catchup needs step(..., clock=STEP)")
+            self._clock = float(clock)
         if rows is None:
             if factored is not None:
                 raise ValueError("a dense step (rows=None) takes no factored rows")
@@ -164,7 +190,7 @@ class SparseRowOptimizer:
             r, g, c, tm = rows, grad, coef, touch
             if n < u:                   # slicing costs ops; a single chunk needs none
                 r, g = rows[i:i + n], grad[i:i + n]
-                c = coef and tuple(x[i:i + n] for x in coef)
+                c = coef and tuple(x if x is None else x[i:i + n] for x in coef)
                 tm = None if touch is None else touch[i:i + n]
             # Repeated rows take the gather/write-back form: an index_add of the step
             # would apply it once per repeat.
@@ -209,11 +235,12 @@ class SparseRowOptimizer:
         if "exp_avg_sq" in self.state:
             denom = self.weight.new_empty((min(n, self.weight.shape[0]), self.weight.shape[1]))
         for i in range(0, self.weight.shape[0], n):
-            work = {k: v[i:i + n] for k, v in self.state.items() if k != "step"}
+            work = {k: v[i:i + n] for k, v in self.state.items() if k not in _ROW_SCALARS}
             work["param"] = self.weight[i:i + n]
             if denom is not None:
                 work["denom"] = denom[:work["param"].shape[0]]
-            self._update(work, grad[i:i + n], lr, coef and tuple(c[i:i + n] for c in coef))
+            self._update(work, grad[i:i + n], lr,
+                         coef and tuple(c if c is None else c[i:i + n] for c in coef))
 
     def _check_factored(self, factored):
         rows_f, coef, src, x = factored
@@ -238,7 +265,8 @@ class SparseRowOptimizer:
         grad = grad.contiguous()
         if factored is not None:
             factored = tuple(t.contiguous() for t in factored)
-        tensors = [self.weight, grad, st["exp_avg"], st["exp_avg_sq"], st["step"]]
+        tensors = [self.weight, grad, st["exp_avg"], st["exp_avg_sq"], st["step"],
+                   *([st["last"]] if self.catchup else [])]
         tensors += [t for t in (rows, *(factored or ())) if t is not None]
         if not native.supports(*tensors) or not native.available():
             return False
@@ -254,7 +282,9 @@ class SparseRowOptimizer:
         native.row_adam(self.weight, st["exp_avg"], st["exp_avg_sq"], st["step"], rows, grad,
                         lr, self.betas, self.eps, self.weight_decay,
                         decoupled=self.kind == "adamw",
-                        slot=None if unique else self._slot, factored=factored)
+                        slot=None if unique else self._slot, factored=factored,
+                        catchup=(st["last"], self._clock, float(self.catchup))
+                        if self.catchup else None)
         self._max_t += 1                  # as _row_coefficients: an upper bound of every t
         self.last_impl = "native"
         return True
@@ -283,7 +313,18 @@ class SparseRowOptimizer:
         if lr == 0.0:
             return None
         ab = self._bias_table().index_select(0, t.long())               # (u, 2)
-        return ab[:, 0:1], ab[:, 1:2]
+        if not self.catchup:
+            return ab[:, 0:1], ab[:, 1:2], None
+        # Catch-up: lr · gap as den / gap (a_t, e_t divided), gap = steps since the last update.
+        last = self.state["last"]
+        old = last if rows is None else last.index_select(0, rows)
+        gap = (self._clock - old).clamp_max_(float(self.catchup)).unsqueeze(1)
+        new = torch.full_like(old, self._clock)
+        if touch is not None:
+            new = torch.where(touch, new, old)
+        last.copy_(new) if rows is None else last.index_copy_(0, rows, new)
+        ab = ab.to(gap.dtype) / gap
+        return ab[:, 0:1], ab[:, 1:2], gap
 
     def _bias_table(self) -> torch.Tensor:
         """(n, 2) [a_t, e_t] for t < n (n >= the largest step count), grown by doubling."""
@@ -309,7 +350,7 @@ class SparseRowOptimizer:
         is no caching allocator, and those cost more than the update itself.
         """
         u, d = rows.numel(), self.weight.shape[1]
-        names = ["param"] + [k for k in self.state if k != "step"]
+        names = ["param"] + [k for k in self.state if k not in _ROW_SCALARS]
         if "exp_avg_sq" in self.state:
             names.append("denom")
         if self._scratch is None or self._scratch.shape[1] < u:
@@ -357,8 +398,10 @@ class SparseRowOptimizer:
             p.add_(buf, alpha=-lr)
             return
         if self.kind == "adamw":
-            if wd:
+            if wd and (coef is None or coef[2] is None):
                 p.mul_(1.0 - lr * wd)
+            elif wd:                                # catch-up: the gap's decay too
+                p.mul_(1.0 - lr * wd * coef[2])
         elif wd:
             g = g.add(p, alpha=wd)
         m, v, den = w["exp_avg"], w["exp_avg_sq"], w["denom"]
@@ -366,7 +409,7 @@ class SparseRowOptimizer:
         v.mul_(self.betas[1]).addcmul_(g, g, value=1.0 - self.betas[1])
         if coef is None:                            # lr = 0: moments move, weights do not
             return
-        a_t, e_t = coef
+        a_t, e_t, _ = coef
         # den = sqrt(v)·a_t + e_t in two kernels (the host's float32 Adam is the native one).
         torch.addcmul(e_t, torch.sqrt(v, out=den), a_t, out=den)
         if p is None:
@@ -378,7 +421,7 @@ class SparseRowOptimizer:
     def hparams(self) -> dict:
         return {"kind": self.kind, "lr": self.lr, "momentum": self.momentum,
                 "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay,
-                "nesterov": self.nesterov, "alpha": self.alpha}
+                "nesterov": self.nesterov, "alpha": self.alpha, "catchup": self.catchup}
 
     def state_dict(self) -> dict:
         """Hyperparameters and the (C_local, ...) state tensors (references, like torch)."""

@@ -48,6 +48,10 @@ class TopKTeacher:
     num_classes: int
     rest: torch.Tensor | None = None
     full: torch.Tensor | None = field(default=None, repr=False)   # dense (B, C), if known
+    # A live teacher's features (B, d_t) and head weight (C, d_t): its exact logit at any
+    # column (:meth:`logits_at`), so a top-K teacher needs no completion at sampled columns.
+    feats: torch.Tensor | None = field(default=None, repr=False)
+    head: torch.Tensor | None = field(default=None, repr=False)
     ranked: bool = True   # False: ids are not sorted by logit (a dense teacher as given)
     _sorted: "TopKTeacher | None" = field(default=None, init=False, repr=False)
 
@@ -131,6 +135,20 @@ class TopKTeacher:
         out = self.rest_logit().to(self.logits.dtype).unsqueeze(1)
         out = out.expand(-1, self.num_classes).clone()
         return out.scatter_(1, self.ids, self.logits)
+
+    @property
+    def exact(self) -> bool:
+        """Whether :meth:`logits_at` gives the teacher's own logits (features and head)."""
+        return self.feats is not None and self.head is not None
+
+    def logits_at(self, classes: torch.Tensor) -> torch.Tensor:
+        """Exact teacher logits at sampled columns: classes (n,) -> (B, n) (one matmul
+        against the n head rows), (B, n) -> (B, n) (row b against its own n rows)."""
+        f = self.feats.to(self.head.dtype)
+        rows = self.head.index_select(0, classes.reshape(-1))
+        if classes.dim() == 1:
+            return f @ rows.T
+        return torch.bmm(rows.view(*classes.shape, -1), f.unsqueeze(2)).squeeze(2)
 
     def target_position(self, y: torch.Tensor) -> torch.Tensor:
         """(B,) long column of y_b in the row's top-K, K where absent (fixed shape: one

@@ -12,6 +12,7 @@ import torch
 
 from dkd.config import ConfigError, ModelConfig
 from dkd.models import build_backbone
+from dkd.teacher.select import row_topk
 
 
 def resolve_model_file(path: str | Path) -> Path:
@@ -46,15 +47,17 @@ class LiveTeacher:
 
     @torch.no_grad()
     def topk(self, x: torch.Tensor, ids: torch.Tensor | None, k: int):
-        """The teacher's top-k per sample: (ids (B, k), logits (B, k), lse (B,))."""
-        z = self.logits(x)
-        vals, idx = z.topk(k, dim=1)
-        return idx, vals, torch.logsumexp(z, 1)
+        """The teacher's top-k per sample: (ids (B, k), logits (B, k), lse (B,), features
+        (B, d_t)); with the head weight, the features give its exact logit at any class."""
+        f = self.backbone(x).float()
+        z = f @ self.head_weight.T
+        vals, idx = row_topk(z, k)
+        return idx, vals, torch.logsumexp(z, 1), f
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """(B, input_dim) -> teacher logits (B, C); ``ids`` (sample ids) are not needed."""
-        return self.backbone(x) @ self.head_weight.T
+        return self.backbone(x).float() @ self.head_weight.T
 
 
 def export_model(path: Path, model_cfg: ModelConfig, data, backbone: torch.nn.Module,

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from dkd.dist.functional import group_rank, group_size
 from dkd.engine.rundir import atomic_write_json
+from dkd.teacher.select import row_topk
 from dkd.teacher.store import (MANIFEST, StoreError, StorePlan, _diff, choose_layout,
                                file_sha256)
 
@@ -79,7 +80,7 @@ def encode_logits(logits: torch.Tensor, plan: StorePlan) -> dict[str, np.ndarray
     tdtype = getattr(torch, plan.logits_dtype)
     if plan.layout == "full":
         return {"logits": a.to(tdtype).cpu().numpy()}
-    vals, ids = a.topk(plan.k, dim=1, sorted=True)                 # (B, K) descending
+    vals, ids = row_topk(a, plan.k)                                # (B, K) descending
     # The tail's log-sum-exp directly (not exp(lse) - sum(exp(top-K)) later, which cancels
     # catastrophically when the top K hold all but 1e-7 of the mass); -inf when K == C.
     tail_lse = a.scatter(1, ids, float("-inf")).logsumexp(1)      # (B,)

@@ -25,10 +25,12 @@ class StoreTeacher:
         return self.store.dense_logits(ids, allow_topk_completion=True).to(x.device)
 
     def topk(self, x: torch.Tensor, ids: torch.Tensor, k: int):
-        """(ids (B, k'), logits (B, k'), lse (B,)), k' = min(k, the store's K): no B x C."""
+        """(ids (B, k'), logits (B, k'), lse (B,), None), k' = min(k, the store's K): no
+        B x C. The store has no teacher features: classes outside the top-K take the
+        completion logit."""
         batch = self.store.get(ids)
         k = min(k, batch.topk_ids.shape[1]) if batch.topk_ids is not None else k
-        return tuple(t.to(x.device) for t in batch.topk(k))
+        return (*(t.to(x.device) for t in batch.topk(k)), None)
 
 
 def _open_store(cfg: RunConfig, num_samples: int, num_classes: int) -> SoftLabelStore:

@@ -13,6 +13,9 @@
  *   t = ++step[r];  a = bc1 / sqrt(bc2),  e = bc1 * eps  (bc = 1 - beta^t, in double)
  *   g' = g + wd * p            (Adam, L2)      or   p *= 1 - lr * wd   (AdamW)
  *   m = lerp(m, g', 1 - b1);  v = b2 * v + (1 - b2) * g'^2;  p += -lr * (m / (sqrt(v) * a + e))
+ * With a catch-up clock (last != NULL) lr is lr * min(clock - last[r], cap) for this row
+ * and last[r] = clock: a row's step counts the steps it was not updated (see
+ * SparseRowOptimizer, "catch-up").
  * the same operations as SparseRowOptimizer's torch path (no FMA contraction here; torch's
  * vectorised kernels may contract, so results agree to float rounding, not bit for bit).
  * Rows must be unique unless a slot map is given (repeated rows on the ungrouped path
@@ -40,19 +43,26 @@ static int ids_ok(const int64_t *v, int64_t n, int64_t hi)
 }
 
 typedef struct {
-    float *w, *m, *v, *step;
+    float *w, *m, *v, *step, *last;
     int64_t d;
     double lr, b1, b2, eps, wd;
     int decoupled;
+    float clock, cap;                      /* catch-up (last != NULL) */
 } adam_t;
 
 /* One Adam step of row r with gradient gr (d,). */
 static void adam_row(const adam_t *o, int64_t r, const float *restrict gr)
 {
-    const float nlr = -(float)o->lr, wd = (float)o->wd;
+    double lr = o->lr;
+    if (o->last) {
+        float gap = o->clock - o->last[r];
+        lr *= (double)(gap < o->cap ? gap : o->cap);
+        o->last[r] = o->clock;
+    }
+    const float nlr = -(float)lr, wd = (float)o->wd;
     const float omb1 = (float)(1.0 - o->b1), b1 = (float)o->b1;
     const float b2 = (float)o->b2, omb2 = (float)(1.0 - o->b2);
-    const float decay = (float)(1.0 - o->lr * o->wd);
+    const float decay = (float)(1.0 - lr * o->wd);
     const int64_t d = o->d;
     const float t = o->step[r] + 1.0f;
     o->step[r] = t;
@@ -159,12 +169,13 @@ int64_t dkd_row_adam(float *w, float *m, float *v, float *step, int64_t C, int64
                      const int64_t *rows_f, int64_t n_f, const float *coef,
                      const int64_t *src, const float *x, int64_t nx,
                      double lr, double b1, double b2, double eps, double wd, int decoupled,
-                     int nthreads, int64_t *slot, int64_t *scratch)
+                     int nthreads, int64_t *slot, int64_t *scratch,
+                     float *last, float clock, float cap)
 {
     if ((rows_d && !ids_ok(rows_d, n_d, C)) || (!rows_d && n_d > C) ||
         (n_f && (!ids_ok(rows_f, n_f, C) || !ids_ok(src, n_f, nx))))
         return -1;
-    adam_t o = {w, m, v, step, d, lr, b1, b2, eps, wd, decoupled};
+    adam_t o = {w, m, v, step, last, d, lr, b1, b2, eps, wd, decoupled, clock, cap};
     job_t base = {&o, rows_f, src, rows_d, coef, x, g, n_f, 0, 0, 0, 0, 0, 0};
     int64_t u = n_d;
     if (slot) u = group_rows(&base, n_f + n_d, slot, scratch, &base.urow, &base.start, &base.list);
