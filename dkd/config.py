@@ -135,6 +135,10 @@ class TeacherConfig(_Section):
     """`dkd relabel`: store the full logits when C <= this, else the top-K layout."""
     store_dtype: Literal["float16", "float32"] = "float16"
     """`dkd relabel`: dtype of the stored logits."""
+    store_features: bool = True
+    """`dkd relabel`, top-K layout: also store each sample's teacher features (d_t values)
+    and the teacher's head, so sampled methods get the exact teacher logit at every sampled
+    column instead of the even completion (+2·d_t bytes a sample in float16)."""
 
 
 METHODS = ("hard", "kd", "ls", "kd_pt", "kd_sim", "kd_pt_sim", "kd_topk",

@@ -199,3 +199,17 @@ def test_without_native_kernels_everything_takes_the_torch_path(tmp_path, env, r
     status, impl = out.stdout.strip().rsplit(" ", 1)
     assert status.startswith("torch (") and reason in status and impl == "torch"
     assert not list(tmp_path.glob("*.so"))
+
+
+def test_column_logits_native_and_torch_paths():
+    """A live teacher's exact logits at sampled columns: shared (n,) and per-row (B, n)
+    columns, the native gather-dot and the torch batched matmul, against the dense logits."""
+    from dkd.head.kernels import column_logits
+    gen = torch.Generator().manual_seed(9)
+    f, w = torch.randn(6, 5, generator=gen), torch.randn(30, 5, generator=gen)
+    dense = f @ w.T
+    shared, per_row = torch.randint(0, 30, (7,), generator=gen), torch.randint(0, 30, (6, 4), generator=gen)
+    torch.testing.assert_close(column_logits(f, w, shared), dense[:, shared])
+    for off in (False, True):
+        with native.disabled() if off else torch.no_grad():
+            torch.testing.assert_close(column_logits(f, w, per_row), dense.gather(1, per_row))

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from dkd.config import MethodConfig, SAMPLED_METHODS
 from dkd.dist.functional import group_rank, group_size
 from dkd.engine.sync import check_sample_sync
+from dkd.head.kernels import column_logits
 from dkd.head.shard import shard_bounds
 from dkd.losses import targets as tg
 from dkd.losses.sampled import sampled_kd_loss
@@ -132,7 +133,7 @@ class SoftmaxLayer:
                                key=draw_key(self.seed, step), shard=shard,
                                workspace=self.workspace)
         if teacher.exact:   # the teacher's own logits, not the top-K completion
-            a = teacher.logits_at(s.classes).to(a.dtype)
+            a = column_logits(teacher.feats, teacher.head, s.classes).to(a.dtype)
         return s, a
 
     def sampled(self, feats, head, y, teacher, step: int, lam: float, T: float) -> dict:

@@ -387,6 +387,21 @@ def hybrid_logits(features: torch.Tensor, weight: torch.Tensor, row_cols: torch.
     return logits, handle
 
 
+@torch.no_grad()
+def column_logits(features: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor):
+    """Logits without gradient at given columns (a live teacher's exact logits at the
+    sampled classes): cols (n,) -> (B, n) = features @ weight[cols].T; cols (B, n) ->
+    [b, j] = features_b · weight[cols[b, j]] (the native gather-dot on a host: no (B, n, d)
+    copy of the rows; else a batched matmul over the gathered rows)."""
+    f = features.to(weight.dtype).contiguous()
+    if cols.dim() == 1:
+        return f @ weight.index_select(0, cols).T
+    if native.supports(f, weight, cols) and native.available():
+        return native.gather_dot(f, weight, cols.contiguous())
+    rows = weight.index_select(0, cols.reshape(-1)).view(*cols.shape, -1)
+    return torch.bmm(rows, f.unsqueeze(2)).squeeze(2)
+
+
 def full_logits(features: torch.Tensor, weight: torch.Tensor):
     """Logits of every local class (B, C_local) and a handle to the dense (C_local, d) grad.
 
@@ -402,4 +417,4 @@ def full_logits(features: torch.Tensor, weight: torch.Tensor):
 
 
 __all__ = ["PATHS", "DEFAULT_BALANCE", "RowGrad", "sampled_logits", "full_logits",
-           "path_costs", "default_balance", "unique_rows", "hybrid_logits"]
+           "path_costs", "default_balance", "unique_rows", "hybrid_logits", "column_logits"]

@@ -49,7 +49,7 @@ class TopKTeacher:
     rest: torch.Tensor | None = None
     full: torch.Tensor | None = field(default=None, repr=False)   # dense (B, C), if known
     # A live teacher's features (B, d_t) and head weight (C, d_t): its exact logit at any
-    # column (:meth:`logits_at`), so a top-K teacher needs no completion at sampled columns.
+    # column (``column_logits``), so a top-K teacher needs no completion at sampled columns.
     feats: torch.Tensor | None = field(default=None, repr=False)
     head: torch.Tensor | None = field(default=None, repr=False)
     ranked: bool = True   # False: ids are not sorted by logit (a dense teacher as given)
@@ -138,17 +138,9 @@ class TopKTeacher:
 
     @property
     def exact(self) -> bool:
-        """Whether :meth:`logits_at` gives the teacher's own logits (features and head)."""
+        """Whether the teacher's own logit at any column can be computed (features and
+        head: :func:`dkd.head.kernels.column_logits`)."""
         return self.feats is not None and self.head is not None
-
-    def logits_at(self, classes: torch.Tensor) -> torch.Tensor:
-        """Exact teacher logits at sampled columns: classes (n,) -> (B, n) (one matmul
-        against the n head rows), (B, n) -> (B, n) (row b against its own n rows)."""
-        f = self.feats.to(self.head.dtype)
-        rows = self.head.index_select(0, classes.reshape(-1))
-        if classes.dim() == 1:
-            return f @ rows.T
-        return torch.bmm(rows.view(*classes.shape, -1), f.unsqueeze(2)).squeeze(2)
 
     def target_position(self, y: torch.Tensor) -> torch.Tensor:
         """(B,) long column of y_b in the row's top-K, K where absent (fixed shape: one

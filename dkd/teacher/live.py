@@ -49,15 +49,20 @@ class LiveTeacher:
     def topk(self, x: torch.Tensor, ids: torch.Tensor | None, k: int):
         """The teacher's top-k per sample: (ids (B, k), logits (B, k), lse (B,), features
         (B, d_t)); with the head weight, the features give its exact logit at any class."""
-        f = self.backbone(x).float()
+        f = self.features(x)
         z = f @ self.head_weight.T
         vals, idx = row_topk(z, k)
         return idx, vals, torch.logsumexp(z, 1), f
 
     @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, input_dim) -> teacher features (B, d_t), float32."""
+        return self.backbone(x).float()
+
+    @torch.no_grad()
     def logits(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """(B, input_dim) -> teacher logits (B, C); ``ids`` (sample ids) are not needed."""
-        return self.backbone(x).float() @ self.head_weight.T
+        return self.features(x) @ self.head_weight.T
 
 
 def export_model(path: Path, model_cfg: ModelConfig, data, backbone: torch.nn.Module,

@@ -28,6 +28,7 @@ from dkd.teacher.store import (MANIFEST, StoreError, StorePlan, _diff, choose_la
                                file_sha256)
 
 _TMP_SUFFIX = ".tmp"
+HEAD_FILE = "teacher_head.npy"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -71,8 +72,10 @@ def atomic_save_npy(path: Path, arr: np.ndarray) -> str:
     return w.h.hexdigest()
 
 
-def encode_logits(logits: torch.Tensor, plan: StorePlan) -> dict[str, np.ndarray]:
-    """Teacher logits (B, C), any device -> the stored rows of each file role (CPU numpy)."""
+def encode_logits(logits: torch.Tensor, plan: StorePlan,
+                  feats: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """Teacher logits (B, C), any device -> the stored rows of each file role (CPU numpy);
+    feats (B, d_t): the teacher features, for a plan that stores them."""
     if logits.dim() != 2 or logits.shape[1] != plan.num_classes:
         raise ValueError(f"teacher logits must be (B, {plan.num_classes}), got "
                          f"{tuple(logits.shape)}")
@@ -84,9 +87,15 @@ def encode_logits(logits: torch.Tensor, plan: StorePlan) -> dict[str, np.ndarray
     # The tail's log-sum-exp directly (not exp(lse) - sum(exp(top-K)) later, which cancels
     # catastrophically when the top K hold all but 1e-7 of the mass); -inf when K == C.
     tail_lse = a.scatter(1, ids, float("-inf")).logsumexp(1)      # (B,)
-    return {"ids": ids.cpu().numpy().astype(plan.ids_dtype),
-            "logits": vals.to(tdtype).cpu().numpy(),
-            "lse": a.logsumexp(1).cpu().numpy(), "tail_lse": tail_lse.cpu().numpy()}
+    out = {"ids": ids.cpu().numpy().astype(plan.ids_dtype),
+           "logits": vals.to(tdtype).cpu().numpy(),
+           "lse": a.logsumexp(1).cpu().numpy(), "tail_lse": tail_lse.cpu().numpy()}
+    if plan.features:
+        if feats is None or feats.shape != (a.shape[0], plan.features):
+            raise ValueError(f"the plan stores ({a.shape[0]}, {plan.features}) teacher "
+                             f"features, got {None if feats is None else tuple(feats.shape)}")
+        out["feats"] = feats.detach().float().to(tdtype).cpu().numpy()
+    return out
 
 
 def _read_json(path: Path) -> dict | None:
@@ -170,8 +179,19 @@ class StoreWriter:
         atomic_write_json(self.path / f"{_shard_name(i)}.json", rec)
         return rec
 
-    def finalize(self) -> dict:
-        """Gather the shard records into manifest.json (written last, atomically)."""
+    def write_head(self, head: torch.Tensor) -> dict:
+        """Write the (C, d_t) teacher head of a store with features; returns its record
+        for :meth:`finalize`."""
+        arr = head.detach().float().cpu().contiguous().numpy()
+        if arr.shape != (self.plan.num_classes, self.plan.features):
+            raise ValueError(f"teacher head must be ({self.plan.num_classes}, "
+                             f"{self.plan.features}), got {arr.shape}")
+        return {"name": HEAD_FILE, "sha256": atomic_save_npy(self.path / HEAD_FILE, arr),
+                "shape": list(arr.shape)}
+
+    def finalize(self, head: dict | None = None) -> dict:
+        """Gather the shard records into manifest.json (written last, atomically); head:
+        the :meth:`write_head` record of a store with features."""
         shards = []
         for i in range(self.plan.num_shards):
             meta = self.path / f"{_shard_name(i)}.json"
@@ -181,6 +201,10 @@ class StoreWriter:
                                  "relabel; cannot write the manifest")
             shards.append({k: rec[k] for k in ("index", "start", "stop", "files")})
         manifest = {**self.plan.header(), "plan_id": self.plan.plan_id, "shards": shards}
+        if self.plan.features:
+            if head is None:
+                raise StoreError(f"{self.path}: a store with features needs its teacher head")
+            manifest["head"] = head
         atomic_write_json(self.path / MANIFEST, manifest)
         _fsync_dir(self.path)
         return manifest
@@ -260,7 +284,11 @@ def _write_shards(teacher, split, writer: StoreWriter, shards: range, batch_size
         for b0 in range(start, stop, batch_size):
             b1 = min(b0 + batch_size, stop)
             x, _ = split.get(torch.arange(b0, b1))
-            rows = encode_logits(teacher.logits(x.to(device)), plan)
+            if plan.features:     # logits from the features, as the training path does
+                f = teacher.features(x.to(device))
+                rows = encode_logits(f @ teacher.head_weight.T, plan, f)
+            else:
+                rows = encode_logits(teacher.logits(x.to(device)), plan)
             if len(rows["logits"]) != b1 - b0:
                 raise ValueError(f"teacher returned {len(rows['logits'])} rows for a batch of "
                                  f"{b1 - b0} samples")
@@ -275,7 +303,7 @@ def relabel(teacher, split, out_dir: str | Path, *, num_classes: int, topk: int 
             full_threshold: int, batch_size: int, dataset_fingerprint, teacher_fingerprint: str,
             group=None, dtype: str = "float16", shard_rows: int | None = None,
             device: torch.device | None = None, overwrite: bool = False,
-            log: Callable[[str], None] | None = None) -> Path:
+            log: Callable[[str], None] | None = None, features: bool = False) -> Path:
     """Run ``teacher.logits(x) -> (B, C)`` over every sample of ``split`` and write the store.
 
     Layout: ``full`` (all C logits) when C <= full_threshold, else ``topk`` with
@@ -285,7 +313,9 @@ def relabel(teacher, split, out_dir: str | Path, *, num_classes: int, topk: int 
     file system all of them see. device: where the teacher's inputs go (default: the
     teacher's own). overwrite: delete whatever store out_dir holds and start afresh
     (default: resume a store of the same settings, refuse one of other settings). log: an
-    optional callback for one line per shard. Returns out_dir.
+    optional callback for one line per shard. features: also store the teacher's features
+    and its head (top-K layout; the teacher must have ``features(x)`` and ``head_weight``),
+    so that sampled methods get the exact teacher logit at every column. Returns out_dir.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -293,8 +323,9 @@ def relabel(teacher, split, out_dir: str | Path, *, num_classes: int, topk: int 
     if shard_rows is None:
         width, itemsize = (num_classes, 0) if layout == "full" else (k, 4)
         shard_rows = default_shard_rows(width * (np.dtype(dtype).itemsize + itemsize) + 8)
+    d_t = int(teacher.head_weight.shape[1]) if features and layout == "topk" else 0
     plan = StorePlan(len(split), num_classes, layout, k, dtype, shard_rows,
-                     teacher_fingerprint, dataset_fingerprint)
+                     teacher_fingerprint, dataset_fingerprint, features=d_t)
     writer = StoreWriter(out_dir, plan)
     rank, world = group_rank(group), group_size(group)
     device = device if device is not None else _teacher_device(teacher)
@@ -303,7 +334,8 @@ def relabel(teacher, split, out_dir: str | Path, *, num_classes: int, topk: int 
     mine = rank_shards(plan.num_shards, world, rank)
     _all_ranks(group, "writing shards",
                lambda: _write_shards(teacher, split, writer, mine, batch_size, device, log))
-    _all_ranks(group, "writing the manifest", lambda: writer.finalize() if rank == 0 else None)
+    _all_ranks(group, "writing the manifest", lambda: writer.finalize(
+        writer.write_head(teacher.head_weight) if d_t else None) if rank == 0 else None)
     return Path(out_dir)
 
 

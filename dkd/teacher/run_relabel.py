@@ -24,4 +24,5 @@ def run_relabel(cfg: RunConfig, overwrite: bool = False, batch_size: int = 1024)
                    topk=t.store_topk, full_threshold=t.store_full_threshold,
                    batch_size=batch_size, dataset_fingerprint=dataset_fingerprint(cfg.data),
                    teacher_fingerprint=teacher_fingerprint(teacher), group=ctx.group,
-                   dtype=t.store_dtype, device=ctx.device, overwrite=overwrite, log=log)
+                   dtype=t.store_dtype, device=ctx.device, overwrite=overwrite, log=log,
+                   features=t.store_features)

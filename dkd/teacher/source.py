@@ -18,19 +18,24 @@ class StoreTeacher:
     ranks beyond K as exchangeable); full-softmax methods need `allow_topk_completion`.
     """
 
-    def __init__(self, store: SoftLabelStore, head_weight: torch.Tensor | None):
-        self.store, self.head_weight = store, head_weight
+    def __init__(self, store: SoftLabelStore, head_weight: torch.Tensor | None,
+                 device: torch.device | None = None):
+        # a store with features carries the teacher head its features belong to
+        self.store = store
+        head = store.head if store.head is not None else head_weight
+        self.head_weight = head.to(device) if head is not None and device is not None else head
 
     def logits(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return self.store.dense_logits(ids, allow_topk_completion=True).to(x.device)
 
     def topk(self, x: torch.Tensor, ids: torch.Tensor, k: int):
-        """(ids (B, k'), logits (B, k'), lse (B,), None), k' = min(k, the store's K): no
-        B x C. The store has no teacher features: classes outside the top-K take the
-        completion logit."""
+        """(ids (B, k'), logits (B, k'), lse (B,), features (B, d_t) or None), k' = min(k,
+        the store's K): no B x C. Without stored features, classes outside the top-K take
+        the completion logit."""
         batch = self.store.get(ids)
         k = min(k, batch.topk_ids.shape[1]) if batch.topk_ids is not None else k
-        return (*(t.to(x.device) for t in batch.topk(k)), None)
+        feats = None if batch.feats is None else batch.feats.to(x.device)
+        return (*(t.to(x.device) for t in batch.topk(k)), feats)
 
 
 def _open_store(cfg: RunConfig, num_samples: int, num_classes: int) -> SoftLabelStore:
@@ -59,4 +64,4 @@ def build_teacher(cfg: RunConfig, data, device: torch.device):
         raise ConfigError(f"method {cfg.method.name!r} needs the teacher's head weights: set "
                           "teacher.checkpoint as well as teacher.store")
     return StoreTeacher(_open_store(cfg, len(data.train), data.num_classes),
-                        live.head_weight if live else None)
+                        live.head_weight if live else None, device)

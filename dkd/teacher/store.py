@@ -11,6 +11,10 @@ A store is a directory::
     shard-00000.lse.npy                          (rows,) float32 log-sum-exp of all C logits
     shard-00000.tail_lse.npy                     (rows,) float32 log-sum-exp of the C - K
                                                  logits outside the top K (-inf if K = C)
+    shard-00000.feats.npy           topk layout with features: (rows, d_t) the teacher's
+    teacher_head.npy                features, and its (C, d_t) float32 head: the exact
+                                    teacher logit of any class (sampled methods use it at
+                                    their sampled columns instead of the completion)
 
 Logits are raw (temperature-free, T = 1): the temperature is applied at training time.
 The KD-topk teacher (Tang et al. 2020) spreads the tail mass exp(lse) - sum exp(top-K)
@@ -78,6 +82,7 @@ class StorePlan:
     shard_rows: int                        # samples per shard (the last may be shorter)
     teacher_fingerprint: str
     dataset_fingerprint: object            # caller's str / dict (JSON-serialisable)
+    features: int = 0                      # d_t of the stored teacher features (0: none)
     ids_dtype: str = field(init=False)
 
     def __post_init__(self):
@@ -89,6 +94,9 @@ class StorePlan:
             raise ValueError("num_samples, num_classes and shard_rows must be >= 1")
         if self.layout == "topk" and not (self.k and 1 <= self.k <= self.num_classes):
             raise ValueError(f"topk layout needs 1 <= K <= C = {self.num_classes}, got {self.k}")
+        if self.features and self.layout != "topk":
+            raise ValueError("teacher features are stored with the topk layout only (a full "
+                             "store already holds every logit)")
         ids = "int32" if self.num_classes <= np.iinfo(np.int32).max else "int64"
         object.__setattr__(self, "ids_dtype", ids)
 
@@ -104,12 +112,16 @@ class StorePlan:
         """File role -> (dtype, per-row shape)."""
         if self.layout == "full":
             return {"logits": (self.logits_dtype, (self.num_classes,))}
-        return {"ids": (self.ids_dtype, (self.k,)), "logits": (self.logits_dtype, (self.k,)),
-                "lse": ("float32", ()), "tail_lse": ("float32", ())}
+        roles = {"ids": (self.ids_dtype, (self.k,)), "logits": (self.logits_dtype, (self.k,)),
+                 "lse": ("float32", ()), "tail_lse": ("float32", ())}
+        if self.features:
+            roles["feats"] = (self.logits_dtype, (self.features,))
+        return roles
 
     def header(self) -> dict:
         """The manifest without its shard list."""
-        return {"format": FORMAT, "version": VERSION, "num_samples": self.num_samples,
+        extra = {"features": self.features} if self.features else {}
+        return {**extra, "format": FORMAT, "version": VERSION, "num_samples": self.num_samples,
                 "num_classes": self.num_classes, "layout": self.layout, "k": self.k,
                 "dtypes": {r: d for r, (d, _) in self.roles().items()},
                 "logits_note": LOGITS_NOTE, "shard_rows": self.shard_rows,
@@ -190,6 +202,7 @@ class TeacherBatch:
     topk_logits: torch.Tensor | None = None   # (B, K)
     lse: torch.Tensor | None = None           # (B,) log-sum-exp of all C logits
     tail_logit: torch.Tensor | None = None    # (B,)
+    feats: torch.Tensor | None = None         # (B, d_t) teacher features (if stored)
 
     @property
     def exact(self) -> bool:
@@ -212,13 +225,14 @@ class TeacherBatch:
             if k is not None and k > self.topk_ids.shape[1]:
                 raise StoreError(f"asked for the teacher's top-{k} but the store holds only "
                                  f"K = {self.topk_ids.shape[1]}; relabel with topk >= {k}")
-            return self.topk_ids[:, :k], self.topk_logits[:, :k], self.lse
+            return (self.topk_ids[:, :k].contiguous(), self.topk_logits[:, :k].contiguous(),
+                    self.lse)
         vals, ids = self.logits.topk(min(k or self.num_classes, self.num_classes), dim=1)
         return ids, vals, self.logits.logsumexp(1)
 
     def to(self, device) -> "TeacherBatch":
         move = {f: (getattr(self, f).to(device) if getattr(self, f) is not None else None)
-                for f in ("logits", "topk_ids", "topk_logits", "lse", "tail_logit")}
+                for f in ("logits", "topk_ids", "topk_logits", "lse", "tail_logit", "feats")}
         return TeacherBatch(self.num_classes, **move)
 
 
@@ -244,6 +258,7 @@ class SoftLabelStore:
         self._check_shard_ranges()
         self._starts = np.array([s["start"] for s in self._shards], dtype=np.int64)
         self._arrays = [self._open_shard(s) for s in self._shards]
+        self.head = self._open_head(verify) if m.get("features") else None
         self._verify_mode, self._verified = verify, set()
         if verify is True:
             for i in range(len(self._shards)):
@@ -312,6 +327,7 @@ class SoftLabelStore:
 
     def _open_shard(self, s: dict) -> dict[str, np.ndarray]:
         roles = {"full": ("logits",), "topk": ("ids", "logits", "lse", "tail_lse")}[self.layout]
+        roles += ("feats",) if self.manifest.get("features") else ()
         arrays = {}
         for role in roles:
             f = s["files"][role]
@@ -331,6 +347,24 @@ class SoftLabelStore:
                                  f"manifest says {want} {self.manifest['dtypes'][role]}")
             arrays[role] = arr
         return arrays
+
+    def _open_head(self, verify) -> torch.Tensor:
+        """The (C, d_t) float32 teacher head of a store with features (checked now unless
+        verify is False: it is small)."""
+        rec = self.manifest.get("head") or {}
+        path = self.path / str(rec.get("name", ""))
+        if not rec or Path(rec["name"]).name != rec["name"] or not path.is_file():
+            raise self._fail("the manifest lists teacher features but its teacher_head.npy "
+                             "is missing; re-run `dkd relabel` with overwrite")
+        if verify is not False and file_sha256(path) != rec["sha256"]:
+            raise self._fail(f"{rec['name']} fails its sha256 check: corruption detected; "
+                             "re-run `dkd relabel` with overwrite")
+        head = np.load(path)
+        want = (self.num_classes, self.manifest["features"])
+        if head.shape != want or head.dtype != np.float32:
+            raise self._fail(f"{rec['name']} has shape {head.shape} {head.dtype}, expected "
+                             f"{want} float32")
+        return torch.from_numpy(head)
 
     def _verify(self, i: int) -> None:
         for f in self._shards[i]["files"].values():
@@ -376,8 +410,9 @@ class SoftLabelStore:
         rest = math.log(max(1, self.num_classes - self.k))           # C - K tail classes
         tail = (torch.from_numpy(raw["tail_lse"]).double() - rest).float()  # -inf if K >= C
         dense = complete_topk(ids, logits, tail, self.num_classes) if self.exact else None
+        feats = torch.from_numpy(raw["feats"].astype(np.float32)) if "feats" in raw else None
         return TeacherBatch(self.num_classes, logits=dense, topk_ids=ids, topk_logits=logits,
-                            lse=torch.from_numpy(raw["lse"]), tail_logit=tail)
+                            lse=torch.from_numpy(raw["lse"]), tail_logit=tail, feats=feats)
 
     def dense_logits(self, sample_ids, allow_topk_completion: bool = False) -> torch.Tensor:
         """(B, C) float32 teacher logits; a top-K store (K < C) gives the KD-topk completion
