@@ -218,7 +218,7 @@ class OptimConfig(_Section):
     head_catchup: int = Field(0, ge=0)
     """Adam/AdamW head, sampled methods: scale a row's step by the steps since it was last
     updated, capped at this (0 = off), so rarely drawn rows move as far per step as under
-    dense Adam (see README, "Rare rows and the lazy optimizer")."""
+    dense Adam (measured on the README's real-text task: not what limits it there)."""
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     """SGD / RMSProp momentum."""
     weight_decay: float = Field(0.0, ge=0.0)

@@ -203,14 +203,12 @@ def _outside(teacher, y, y_in, i: torch.Tensor) -> torch.Tensor:
     """The i-th (0-based) class outside row b's top-K and target, (B, m) for i (B, m) or
     (m,): with s the row's sorted excluded ids (the target replaced by C when it is in the
     top-K), s_q − q counts the allowed classes below s_q, so the answer is
-    i + #{q : s_q − q <= i}, one searchsorted into every row's keys offset by b·C."""
-    B, K, C, dev = teacher.batch, teacher.k, teacher.num_classes, y.device
-    ext = torch.cat([teacher.ids, torch.where(y_in, C, y.long()).unsqueeze(1)], 1)
+    i + #{q : s_q − q <= i}, one batched searchsorted of each row's draws in its own keys."""
+    K, dev = teacher.k, y.device
+    ext = torch.cat([teacher.ids, torch.where(y_in, teacher.num_classes, y.long()).unsqueeze(1)], 1)
     s = torch.sort(ext, 1).values - torch.arange(K + 1, device=dev)
-    off = torch.arange(B, device=dev).unsqueeze(1) * C
-    i = i.expand(B, -1)
-    pos = torch.searchsorted((s + off).view(-1), (i + off).reshape(-1), right=True)
-    return i + pos.view(B, -1) - off.div(C, rounding_mode="floor") * (K + 1)
+    i = i.expand(teacher.batch, -1).contiguous()
+    return i + torch.searchsorted(s, i, right=True)
 
 
 def _per_sample(teacher, y, proposal, m, top_t, correction, key, ws):
