@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from dkd.head import native
+from dkd.head.row_update import update_rows
 
 KINDS = ("sgd", "adam", "adamw", "rmsprop")
 _ROW_SCALARS = ("step", "last")     # (C_local,) state: bookkeeping, not (C_local, d) rows
@@ -197,7 +198,7 @@ class SparseRowOptimizer:
             work = self._gather(r, with_param=self._needs_param() or tm is not None
                                 or not unique)
             old = None if tm is None else {k: v.clone() for k, v in work.items() if k != "denom"}
-            self._update(work, g, lr, c)
+            update_rows(self, work, g, lr, c)
             if old is not None:
                 keep = tm.unsqueeze(1)
                 for k, v in old.items():
@@ -239,7 +240,7 @@ class SparseRowOptimizer:
             work["param"] = self.weight[i:i + n]
             if denom is not None:
                 work["denom"] = denom[:work["param"].shape[0]]
-            self._update(work, grad[i:i + n], lr,
+            update_rows(self, work, grad[i:i + n], lr,
                          coef and tuple(c if c is None else c[i:i + n] for c in coef))
 
     def _check_factored(self, factored):
@@ -291,7 +292,8 @@ class SparseRowOptimizer:
 
     def _row_coefficients(self, rows: torch.Tensor | None, lr: float, touch=None):
         """Adam only: bump the per-row step counts t of ``rows`` (None: all) and return the
-        (u, 1) factors (a_t, e_t) of ``_update``; None for SGD or lr = 0.
+        (u, 1) factors (a_t, e_t, gap) of ``update_rows`` (gap: catch-up, else None); None
+        for SGD or lr = 0.
 
         torch.optim computes p -= (lr / bc1) · m / (sqrt(v) / sqrt(bc2) + eps) with
         bc = 1 − β^t, i.e. p -= lr · m / (sqrt(v) · a_t + e_t) with a_t = bc1 / sqrt(bc2)
@@ -369,53 +371,6 @@ class SparseRowOptimizer:
     def release_scratch(self) -> None:
         """Free the per-step scratch buffers (they are re-made on the next step)."""
         self._scratch = None
-
-    def _update(self, w: dict[str, torch.Tensor], g: torch.Tensor, lr: float, coef) -> None:
-        """In place on the working rows ``w`` (param and state, (u, d) each) given ``g``.
-        Without "param" (Adam, no decay) it leaves m / den in w["denom"] for the caller to
-        add with -lr."""
-        p, wd = w.get("param"), self.weight_decay
-        if self.kind == "sgd":
-            if wd:
-                g = g.add(p, alpha=wd)
-            if self.momentum == 0:
-                p.add_(g, alpha=-lr)
-                return
-            buf = w["momentum_buffer"].mul_(self.momentum).add_(g)
-            if self.nesterov:
-                p.add_(g, alpha=-lr)
-            p.add_(buf, alpha=-lr * self.momentum if self.nesterov else -lr)
-            return
-        if self.kind == "rmsprop":
-            if wd:
-                g = g.add(p, alpha=wd)
-            v = w["square_avg"].mul_(self.alpha).addcmul_(g, g, value=1.0 - self.alpha)
-            den = v.sqrt().add_(self.eps)
-            if self.momentum == 0:
-                p.addcdiv_(g, den, value=-lr)
-                return
-            buf = w["momentum_buffer"].mul_(self.momentum).addcdiv_(g, den)
-            p.add_(buf, alpha=-lr)
-            return
-        if self.kind == "adamw":
-            if wd and (coef is None or coef[2] is None):
-                p.mul_(1.0 - lr * wd)
-            elif wd:                                # catch-up: the gap's decay too
-                p.mul_(1.0 - lr * wd * coef[2])
-        elif wd:
-            g = g.add(p, alpha=wd)
-        m, v, den = w["exp_avg"], w["exp_avg_sq"], w["denom"]
-        m.lerp_(g, 1.0 - self.betas[0])
-        v.mul_(self.betas[1]).addcmul_(g, g, value=1.0 - self.betas[1])
-        if coef is None:                            # lr = 0: moments move, weights do not
-            return
-        a_t, e_t, _ = coef
-        # den = sqrt(v)·a_t + e_t in two kernels (the host's float32 Adam is the native one).
-        torch.addcmul(e_t, torch.sqrt(v, out=den), a_t, out=den)
-        if p is None:
-            torch.div(m, den, out=den)
-        else:
-            p.addcdiv_(m, den, value=-lr)
 
     # ---------------------------------------------------------------- state
     def hparams(self) -> dict:

@@ -24,8 +24,8 @@ import torch.distributed as dist
 from dkd.dist.functional import group_rank, group_size
 from dkd.engine.rundir import atomic_write_json
 from dkd.teacher.select import row_topk
-from dkd.teacher.store import (MANIFEST, StoreError, StorePlan, _diff, choose_layout,
-                               file_sha256)
+from dkd.teacher.store import StoreError
+from dkd.teacher.store_plan import MANIFEST, StorePlan, _diff, choose_layout, file_sha256
 
 _TMP_SUFFIX = ".tmp"
 HEAD_FILE = "teacher_head.npy"
