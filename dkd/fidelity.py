@@ -92,7 +92,10 @@ def _sampled_grads(prob, method, mode, correction, k, T, lam, seed, dis_progress
                            dis_progress)
     ss, _ = layer.draw(prob["topk"], prob["y"], seed)
     w = prob["weight"].clone().requires_grad_(True)
-    out = sampled_kd_reference(prob["features"], w, prob["teacher"], prob["y"], ss, T, lam)
+    # the teacher logits the sampler's columns carry (a run's training view), vs the true
+    # teacher of the full gradient
+    seen = prob.get("seen", prob["teacher"])
+    out = sampled_kd_reference(prob["features"], w, seen, prob["y"], ss, T, lam)
     g_cols, gw = torch.autograd.grad(out["loss"], [out["student_cols"], w])
     B = prob["y"].shape[0]
     cols = float(ss.row_mask(B).sum(1).double().mean())
@@ -194,7 +197,8 @@ def run_problems(problems, ks, methods, modes, corrections, temperature, lam, di
     for s, prob in enumerate(problems):
         batch, classes = prob["teacher"].shape
         prob["ranking"] = teacher_ranking(prob["teacher"])      # sort once per problem
-        prob["topk"] = TopKTeacher.from_dense(prob["teacher"])  # the layer's teacher type
+        if "topk" not in prob:    # the layer's teacher type (a run's: its training view)
+            prob["topk"] = TopKTeacher.from_dense(prob["teacher"])
         groups = error_groups(prob)
         gz_full, gw_full = _full_grads(prob, temperature, lam)
         for k in ks:

@@ -17,7 +17,9 @@ import torch
 from dkd.config import ConfigError, RunConfig
 from dkd.data import build_data
 from dkd.fidelity import run_problems
+from dkd.sampling.teacher_batch import TopKTeacher, completion_logit
 from dkd.teacher.live import LiveTeacher
+from dkd.teacher.select import row_topk
 
 
 @torch.no_grad()
@@ -50,6 +52,20 @@ def run_batches(run_dir: Path, cfg: RunConfig, batches: int = 2, batch_size: int
     return problems
 
 
+def training_view(prob: dict, K: int, completion: bool) -> None:
+    """Add to a problem the teacher as training's sampler gets it: ``topk`` (its top-K with
+    the completion logit, when C > K) and ``seen`` (the dense logits whose columns the
+    estimator reads: the true ones, or the completed ones with ``completion``)."""
+    a = prob["teacher"]
+    C = a.shape[1]
+    if C <= K:
+        return
+    vals, ids = row_topk(a, K)
+    lse = torch.logsumexp(a, 1)
+    prob["topk"] = TopKTeacher(ids, vals, lse, C, rest=completion_logit(vals, lse, C))
+    prob["seen"] = prob["topk"].dense() if completion else a
+
+
 def _cast(x: torch.Tensor, backbone, task: str) -> torch.Tensor:
     # Token ids stay exact (float32), as in evaluation; images take the backbone's dtype.
     return x if task == "text" else x.to(next(backbone.parameters()).dtype)
@@ -59,10 +75,17 @@ def run_fidelity_of_run(run_dir: Path, cfg: RunConfig, ks, batches: int = 2,
                         methods=("uniform", "ftis", "dis", "pdbs"),
                         modes=("per_sample", "batch_shared", "hybrid"),
                         corrections=("expected",), top_t: int | None = None,
-                        seed: int = 0, temperature: float | None = None) -> list[dict]:
+                        seed: int = 0, temperature: float | None = None,
+                        completion: bool = False) -> list[dict]:
     """Fidelity records of a trained run at its end: the KD term alone (lam = 1), DIS at
-    the end of its schedule, the run's temperature and top_t unless given."""
+    the end of its schedule, the run's temperature and top_t unless given. The sampler
+    sees the teacher as training does: its top-``sampling_topk`` ranks when C is larger,
+    and at the sampled columns the exact teacher logits (completion=True: the even top-K
+    completion, as a store without features); the full gradient is always against the
+    true teacher, so the records include the bias of what the sampler sees."""
     problems = run_batches(run_dir, cfg, batches, seed=seed)
+    for prob in problems:
+        training_view(prob, cfg.method.sampling_topk, completion)
     C = problems[0]["teacher"].shape[1]
     ks = [k for k in ks if k < C]
     if not ks:

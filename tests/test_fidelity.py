@@ -112,3 +112,21 @@ def test_fidelity_run_needs_a_finished_run(tmp_path):
     (tmp_path / "x").mkdir()
     proc = run_cli(["fidelity", "--run", str(tmp_path / "x")], check=False)
     assert proc.returncode == 2 and "config.yaml not found" in (proc.stdout + proc.stderr)
+
+
+def test_fidelity_of_a_run_sees_the_teacher_as_training_does(tmp_path, teacher_dir):
+    """With C > method.sampling_topk the sampler gets the teacher's top-K; at the sampled
+    columns the exact teacher logits (the default) or, with --completion, the even top-K
+    completion, whose bias against the true teacher shows in the cosine."""
+    from conftest import run_cli, train_run
+
+    train_run(tmp_path, "s", "method.name=kd", f"teacher.checkpoint={teacher_dir}",
+              "method.sampling_topk=3")
+    cos = {}
+    for flag in ([], ["--completion"]):
+        out = tmp_path / f"fid{len(flag)}.json"
+        run_cli(["fidelity", "--run", str(tmp_path / "s"), "--k", "16", "--batches", "2",
+                 "--methods", "dis", "--out", str(out), *flag])
+        cos[bool(flag)] = {r["mode"]: r["cosine_logits"] for r in json.loads(out.read_text())}
+    for mode in ("per_sample", "batch_shared"):
+        assert cos[False][mode] > cos[True][mode]
