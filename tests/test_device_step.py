@@ -27,22 +27,27 @@ MODES = ["batch_shared", "per_sample", "hybrid"]
 METHODS = ["uniform", "ftis", "dis"]
 
 
-def _inputs(C, device, dense=False):
+def _inputs(C, device, dense=False, exact=False):
+    """exact: a live teacher's features and head ride along (exact logits at the sampled
+    columns, ``column_logits``)."""
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(B, C, generator=g)
+    t_feats, t_head = torch.randn(B, 5, generator=g), torch.randn(C, 5, generator=g)
+    logits = t_feats @ t_head.T
     y = torch.randint(0, C, (B,), generator=g)
     feats = torch.randn(B, D, generator=g)
     if dense:
         t = TopKTeacher.from_dense(logits.to(device), rank=False)
     else:
         val, idx = logits.topk(K, 1)
-        t = TopKTeacher(idx.to(device), val.to(device), logits.logsumexp(1).to(device), C)
+        t = TopKTeacher(idx.to(device), val.to(device), logits.logsumexp(1).to(device), C,
+                        feats=t_feats.to(device) if exact else None,
+                        head=t_head.to(device) if exact else None)
     return t, y.to(device), feats.to(device).requires_grad_(True)
 
 
 def _step(name, mode, C, device, dense=False, lam=0.7, top_t=1, step=3, head_kind="adam",
-          backward=True):
-    t, y, feats = _inputs(C, device, dense)
+          backward=True, exact=False):
+    t, y, feats = _inputs(C, device, dense, exact)
     head = ShardedHead(C, D, None, init_std=0.1, seed=1, device=device)
     opt = head.make_optimizer(head_kind, lr=1e-2)
     layer = SoftmaxLayer(MethodConfig(name=name, k=6, mode=mode, lam=lam, top_t=top_t), C,
@@ -56,17 +61,18 @@ def _step(name, mode, C, device, dense=False, lam=0.7, top_t=1, step=3, head_kin
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", METHODS)
-@pytest.mark.parametrize("dense", [False, True], ids=["topk", "dense"])
-def test_sampled_step_runs_on_fake_devices_without_host_syncs(name, mode, dense):
+@pytest.mark.parametrize("dense,exact", [(False, False), (True, False), (False, True)],
+                         ids=["topk", "dense", "topk_exact_columns"])
+def test_sampled_step_runs_on_fake_devices_without_host_syncs(name, mode, dense, exact):
     """Draw, logits and loss on fake CUDA; the whole step (with backward and the row
     update) on fake ``meta``, another non-host device: the autograd engine's stream
     bookkeeping asks a CUDA driver for a context, which this machine does not have."""
     C = 200 if not dense else 40
     with FakeTensorMode(allow_non_fake_inputs=False):
-        out, _, _ = _step(name, mode, C, "cuda", dense, backward=False)
+        out, _, _ = _step(name, mode, C, "cuda", dense, backward=False, exact=exact)
         assert out["loss"].device.type == "cuda"
     with FakeTensorMode(allow_non_fake_inputs=False):
-        out, head, feats = _step(name, mode, C, "meta", dense)
+        out, head, feats = _step(name, mode, C, "meta", dense, exact=exact)
         assert feats.grad is not None and feats.grad.device.type == "meta"
 
 
@@ -111,16 +117,17 @@ def test_fake_cuda_refuses_what_a_gpu_would_wait_for():
             x + torch.ones(4, 3)
 
 
+@pytest.mark.parametrize("exact", [False, True], ids=["completion", "exact_columns"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", METHODS)
-def test_torch_path_step_has_no_host_syncs_and_few_ops(name, mode):
+def test_torch_path_step_has_no_host_syncs_and_few_ops(name, mode, exact):
     """Counted on the host with the native kernels off (the path a GPU takes); one warm
     step first (one-off tables)."""
     with native.disabled():
-        _step(name, mode, 2000, "cpu")
+        _step(name, mode, 2000, "cpu", exact=exact)
         counter = OpCounter()
         with counter:
-            _step(name, mode, 2000, "cpu", step=4)
+            _step(name, mode, 2000, "cpu", step=4, exact=exact)
     rec = counter.record()
     assert rec["host_syncs"] == 0, rec["sync_ops"]
     assert rec["aten_ops"] > 20
