@@ -17,9 +17,8 @@ import torch
 from dkd.config import ConfigError, RunConfig
 from dkd.data import build_data
 from dkd.fidelity import run_problems
-from dkd.sampling.teacher_batch import TopKTeacher, completion_logit
+from dkd.sampling.teacher_batch import TopKTeacher
 from dkd.teacher.live import LiveTeacher
-from dkd.teacher.select import row_topk
 
 
 @torch.no_grad()
@@ -57,12 +56,9 @@ def training_view(prob: dict, K: int, completion: bool) -> None:
     the completion logit, when C > K) and ``seen`` (the dense logits whose columns the
     estimator reads: the true ones, or the completed ones with ``completion``)."""
     a = prob["teacher"]
-    C = a.shape[1]
-    if C <= K:
+    if a.shape[1] <= K:
         return
-    vals, ids = row_topk(a, K)
-    lse = torch.logsumexp(a, 1)
-    prob["topk"] = TopKTeacher(ids, vals, lse, C, rest=completion_logit(vals, lse, C))
+    prob["topk"] = TopKTeacher.from_dense(a, K)     # completion logit computed on first use
     prob["seen"] = prob["topk"].dense() if completion else a
 
 

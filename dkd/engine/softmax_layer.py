@@ -131,9 +131,9 @@ class SoftmaxLayer:
         s, a = draw_sample_set(teacher, y, self.proposal, cfg.k, mode=cfg.mode,
                                top_t=cfg.top_t, correction=cfg.correction,
                                key=draw_key(self.seed, step), shard=shard,
-                               workspace=self.workspace)
+                               workspace=self.workspace, teacher_logits=not teacher.exact)
         if teacher.exact:   # the teacher's own logits, not the top-K completion
-            a = column_logits(teacher.feats, teacher.head, s.classes).to(a.dtype)
+            a = column_logits(teacher.feats, teacher.head, s.classes).to(teacher.logits.dtype)
         return s, a
 
     def sampled(self, feats, head, y, teacher, step: int, lam: float, T: float) -> dict:

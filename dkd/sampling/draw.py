@@ -98,7 +98,7 @@ def _draw_rbar(teacher: TopKTeacher, E: torch.Tensor, m: int, key: int, ws) -> t
     return c if K == C else torch.where(j >= K, tail, c)
 
 
-def _batch_shared(teacher, y, proposal, m, top_t, correction, key, ws, shard=None):
+def _batch_shared(teacher, y, proposal, m, top_t, correction, key, ws, shard=None, want_a=True):
     dev = y.device
     E = row_entries(teacher, proposal, ws)
     if top_t:
@@ -113,7 +113,7 @@ def _batch_shared(teacher, y, proposal, m, top_t, correction, key, ws, shard=Non
     else:
         draws, valid, log_n_over_R = _draw_shard(teacher, E, m, key, shard, ws)
     classes = torch.cat([D, draws])
-    rep, a, rbar = shared_lookup(teacher, classes, E, ws)
+    rep, a, rbar = shared_lookup(teacher, classes, E, ws, want_logits=want_a)
     is_d = _cached(ws, ("is_d", nD, m, str(dev)), lambda: arange(n, dev, ws) < nD)
     first = rep == arange(n, dev, ws)
     # A class drawn several times is one column carrying its count (o − log count, the
@@ -178,12 +178,12 @@ def _draw_shard(teacher, E, m, key, shard, ws):
     return c, valid, log_n_over_R
 
 
-def _hybrid(teacher, y, proposal, m, top_t, correction, key, ws):
+def _hybrid(teacher, y, proposal, m, top_t, correction, key, ws, want_a=True):
     B, dev = teacher.batch, y.device
     E = row_entries(teacher, proposal, ws)
     det, det_a = _row_deterministic(teacher, y, top_t, teacher.target_position(y), ws)
     draws = _draw_rbar(teacher, E, m, key, ws)
-    rep, a_s, rbar = shared_lookup(teacher, draws, E, ws)
+    rep, a_s, rbar = shared_lookup(teacher, draws, E, ws, want_logits=want_a)
     first = rep == arange(m, dev, ws)              # repeats: one column with its count
     count = torch.zeros(m, dtype=torch.float64, device=dev).index_add_(
         0, rep, torch.ones_like(rbar)).index_select(0, rep)
@@ -195,7 +195,7 @@ def _hybrid(teacher, y, proposal, m, top_t, correction, key, ws):
                      log_correction=torch.cat([o.new_zeros(nd), o]).float(),
                      deterministic=first_nd,
                      mask=torch.cat([torch.ones_like(det, dtype=torch.bool), ~in_d & first], 1),
-                     mode="hybrid", shared_from=nd), torch.cat([det_a, a_s], 1)
+                     mode="hybrid", shared_from=nd), torch.cat([det_a, a_s], 1) if want_a else None
 
 
 # ---------------------------------------------------------------- per-sample
@@ -211,7 +211,7 @@ def _outside(teacher, y, y_in, i: torch.Tensor) -> torch.Tensor:
     return i + torch.searchsorted(s, i, right=True)
 
 
-def _per_sample(teacher, y, proposal, m, top_t, correction, key, ws):
+def _per_sample(teacher, y, proposal, m, top_t, correction, key, ws, want_a=True):
     B, K, C, dev = teacher.batch, teacher.k, teacher.num_classes, y.device
     pos_y = teacher.target_position(y)
     y_in = pos_y < K
@@ -255,17 +255,18 @@ def _per_sample(teacher, y, proposal, m, top_t, correction, key, ws):
         log_den = torch.log(total)
         i_tail = (u[1] * n_out.unsqueeze(1)).long()
     cls = teacher.ids.gather(1, col)
-    a = teacher.logits.gather(1, col)
+    a = teacher.logits.gather(1, col) if want_a else None
     if K < C:
         tail_cls = _outside(teacher, y, y_in, i_tail.clamp(min=0))
         cls = torch.where(is_tail, tail_cls, cls)
-        a = torch.where(is_tail, teacher.rest_logit().to(a.dtype).unsqueeze(1), a)
+        if want_a:
+            a = torch.where(is_tail, teacher.rest_logit().to(a.dtype).unsqueeze(1), a)
     o = torch.log(prob) - log_den + (math.log(m) if correction == "expected" else 0.0)
     nd = det.shape[1]
     return SampleSet(classes=torch.cat([det, cls], 1),
                      log_correction=torch.cat([o.new_zeros(B, nd), o], 1).float(),
                      deterministic=arange(nd + m, dev, ws) < nd, mask=None,
-                     mode="per_sample", shared_from=nd), torch.cat([det_a, a], 1)
+                     mode="per_sample", shared_from=nd), torch.cat([det_a, a], 1) if want_a else None
 
 
 # ---------------------------------------------------------------- entry point
@@ -287,21 +288,25 @@ def check_args(teacher: TopKTeacher, y, m, top_t, mode, correction) -> None:
 def draw_sample_set(teacher: TopKTeacher, y: torch.Tensor, proposal: Proposal, m: int, *,
                     mode: str = "per_sample", top_t: int = 0, correction: str = "expected",
                     key: int = 0, shard: tuple[list, int] | None = None,
-                    workspace: dict | None = None) -> tuple[SampleSet, torch.Tensor]:
+                    workspace: dict | None = None,
+                    teacher_logits: bool = True) -> tuple[SampleSet, torch.Tensor | None]:
     """The step's (SampleSet, teacher logits at its columns (B, n)); see the module doc.
 
     key: the step's host integer key (:func:`dkd.sampling.rng.draw_key`); shard:
     (bounds, rank) for stratified batch_shared draws on a class-sharded head (None: the
     global set). workspace: a dict kept across steps (the slot map, cached index tensors).
+    teacher_logits=False: the caller computes the teacher logits at the columns itself (a
+    live teacher's exact ones), so none are looked up and the second value is None.
     """
     teacher = teacher.sorted()
     check_args(teacher, y, m, top_t, mode, correction)
     if shard is not None and mode != "batch_shared":
         raise ValueError(f"stratified (per-shard) draws need mode batch_shared, got {mode!r}")
     if mode == "batch_shared":
-        return _batch_shared(teacher, y, proposal, m, top_t, correction, key, workspace, shard)
+        return _batch_shared(teacher, y, proposal, m, top_t, correction, key, workspace, shard,
+                             teacher_logits)
     fn = _per_sample if mode == "per_sample" else _hybrid
-    return fn(teacher, y, proposal, m, top_t, correction, key, workspace)
+    return fn(teacher, y, proposal, m, top_t, correction, key, workspace, teacher_logits)
 
 
 __all__ = ["draw_sample_set", "check_args"]
