@@ -107,6 +107,7 @@ def fidelity(classes: int = typer.Option(1000, help="Class count C."),
              run: Optional[Path] = typer.Option(None, "--run", help="A finished run directory: real training batches, its student, its teacher and its T instead of a synthetic problem (--classes, --dim, --seeds are then ignored)."),
              batches: int = typer.Option(2, help="With --run: training batches averaged."),
              completion: bool = typer.Option(False, "--completion", help="With --run: give the sampler the even top-K completion instead of the exact teacher columns (what a top-K store without features gives)."),
+             at: str = typer.Option("end", "--at", help="With --run: points of training: end (the exported model), all (every checkpoint, then the end), or comma-separated checkpoint steps."),
              out: Path = typer.Option(Path("fidelity.json"), "--out", help="JSON output; a .md table is written next to it.")):
     """Compare each sampled method's gradient with the full-KD gradient (cosine, rel. error,
     where the error sits)."""
@@ -120,7 +121,8 @@ def fidelity(classes: int = typer.Option(1000, help="Class count C."),
         try:
             records = run_fidelity_of_run(run, load_config(run / "config.yaml"), _csv(k, int),
                                           batches=batches, methods=tuple(_csv(methods)),
-                                          temperature=temperature, completion=completion)
+                                          temperature=temperature, completion=completion,
+                                          at=at)
         except (ConfigError, ValueError) as err:
             _fail(str(err))
         md = write_fidelity(records, str(out))

@@ -229,7 +229,14 @@ def run_problems(problems, ks, methods, modes, corrections, temperature, lam, di
 
 
 def fidelity_markdown(records: list[dict]) -> str:
-    """Records as a markdown table, sorted by classes, k, method, mode, correction."""
+    """Records as a markdown table, sorted by classes, k, method, mode, correction (and by
+    step first, with a step column, when the records come from several points of training)."""
+    steps = {r.get("step") for r in records}
+    if len(steps) > 1:
+        by_step = sorted(steps)
+        return "".join(f"**step {s}**\n\n" + fidelity_markdown([r for r in records
+                                                              if r.get("step") == s]) + "\n"
+                       for s in by_step)
     head = ("| C | k | method | mode | correction | cols/row | cos logits | cos weight "
             "| rel err | error in target / teacher top-10 / student top-10 / tail |\n"
             "|---|---|---|---|---|---|---|---|---|---|\n")

@@ -6,7 +6,10 @@ student (``model.pt``, its backbone in eval mode), the student's head weight, th
 teacher (``teacher.checkpoint``) on the same inputs, and the labels. Every sampled method
 then draws with the training ``SoftmaxLayer`` (dkd/fidelity.py), and the records say how
 close its gradient is to full KD's and where the error sits (target, teacher top ranks,
-the student's top classes, the tail).
+the student's top classes, the tail). ``at`` picks the points of training: the exported
+model (the end) and/or the run's checkpoints (the student's backbone from DeepSpeed's
+model file, its head from the per-range head pieces), so the error can be followed over
+training.
 """
 from __future__ import annotations
 
@@ -17,17 +20,72 @@ import torch
 from dkd.config import ConfigError, RunConfig
 from dkd.data import build_data
 from dkd.fidelity import run_problems
+from dkd.models import build_backbone
 from dkd.sampling.teacher_batch import TopKTeacher
 from dkd.teacher.live import LiveTeacher
 
 
+def checkpoint_steps(run_dir: Path) -> dict[int, Path]:
+    """{step: directory} of the run's complete checkpoints (those with state.pt)."""
+    root = Path(run_dir) / "checkpoints"
+    found = {}
+    for d in sorted(root.glob("step*")) if root.is_dir() else []:
+        if d.name[4:].isdigit() and (d / "state.pt").is_file():
+            found[int(d.name[4:])] = d
+    return found
+
+
+def resolve_points(run_dir: Path, at: str, end_step: int) -> list[tuple[int, Path | None]]:
+    """``at`` -> [(step, checkpoint dir or None for the exported model)]: "end" (model.pt),
+    "all" (every checkpoint, then the end) or comma-separated steps ("end" allowed)."""
+    ckpts = checkpoint_steps(run_dir)
+    if at.strip() == "all":
+        # The last checkpoint is the exported model when it is at the last step.
+        return [(s, d) for s, d in ckpts.items() if s != end_step] + [(end_step, None)]
+    points = []
+    for item in (x.strip() for x in at.split(",") if x.strip()):
+        if item == "end":
+            points.append((end_step, None))
+        elif item.isdigit() and int(item) in ckpts:
+            points.append((int(item), ckpts[int(item)]))
+        else:
+            raise ConfigError(f"--at: {item!r} is not 'end', 'all' or a checkpoint step of "
+                              f"{run_dir} (it has {sorted(ckpts) or 'none'})")
+    if not points:
+        raise ConfigError("--at: expected 'end', 'all' or comma-separated checkpoint steps")
+    return points
+
+
+def student_at(run_dir: Path, cfg: RunConfig, data, dev, ckpt: Path | None):
+    """(backbone in eval mode, head weight (C, d)) of the run's student: the exported model
+    (ckpt None) or the state saved in checkpoint directory ``ckpt``."""
+    if ckpt is None:
+        if not (Path(run_dir) / "model.pt").is_file():
+            raise ConfigError(f"{run_dir}/model.pt not found: fidelity --run needs a finished "
+                              f"run (its exported model), or --at with checkpoint steps")
+        s = LiveTeacher(run_dir, data.num_classes, data.input_dim, dev, **data.backbone_kwargs())
+        return s.backbone, s.head_weight
+    model_file = ckpt / "backbone" / "ds" / "mp_rank_00_model_states.pt"
+    if not model_file.is_file():
+        raise ConfigError(f"{model_file} not found: checkpoint {ckpt} has no backbone")
+    backbone = build_backbone(cfg.model, data.input_dim, **data.backbone_kwargs())
+    backbone.load_state_dict(torch.load(model_file, map_location="cpu",
+                                        weights_only=False)["module"])
+    pieces = [torch.load(f, map_location="cpu", weights_only=False)
+              for f in ckpt.glob("head-*-*.pt")]
+    pieces = sorted((p for p in pieces if p is not None), key=lambda p: p["start"])
+    if [p["start"] for p in pieces] != [0] + [p["end"] for p in pieces[:-1]] \
+            or not pieces or pieces[-1]["end"] != data.num_classes:
+        raise ConfigError(f"checkpoint {ckpt}: head pieces do not cover classes "
+                          f"[0, {data.num_classes}) once")
+    return backbone.to(dev).eval(), torch.cat([p["weight"] for p in pieces]).float().to(dev)
+
+
 @torch.no_grad()
 def run_batches(run_dir: Path, cfg: RunConfig, batches: int = 2, batch_size: int | None = None,
-                seed: int = 0) -> list[dict]:
-    """``batches`` problems from random training batches of the run (one process, CPU)."""
-    if not (Path(run_dir) / "model.pt").is_file():
-        raise ConfigError(f"{run_dir}/model.pt not found: fidelity --run needs a finished "
-                          f"run (its exported model)")
+                seed: int = 0, ckpt: Path | None = None) -> list[dict]:
+    """``batches`` problems from random training batches of the run (one process, CPU),
+    with the student of checkpoint ``ckpt`` (None: the exported model)."""
     if cfg.teacher.checkpoint is None:
         raise ConfigError(f"{run_dir}: the run has no teacher.checkpoint, which fidelity "
                           f"--run needs for the full-KD target")
@@ -36,16 +94,16 @@ def run_batches(run_dir: Path, cfg: RunConfig, batches: int = 2, batch_size: int
         raise ConfigError("fidelity --run: re-ID runs have no classification head on the test "
                           "split; use a classification or text run")
     dev = torch.device("cpu")
-    kw = data.backbone_kwargs()
-    student = LiveTeacher(run_dir, data.num_classes, data.input_dim, dev, **kw)
-    teacher = LiveTeacher(cfg.teacher.checkpoint, data.num_classes, data.input_dim, dev, **kw)
+    backbone, head_weight = student_at(run_dir, cfg, data, dev, ckpt)
+    teacher = LiveTeacher(cfg.teacher.checkpoint, data.num_classes, data.input_dim, dev,
+                          **data.backbone_kwargs())
     B = batch_size or cfg.train.batch_size
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)   # the same batches at every point of training
     problems = []
     for _ in range(batches):
         x, y = data.train.get(torch.randint(0, len(data.train), (B,), generator=g))
-        feats = student.backbone(_cast(x, student.backbone, data.task)).float()
-        problems.append({"features": feats, "weight": student.head_weight.clone(),
+        feats = backbone(_cast(x, backbone, data.task)).float()
+        problems.append({"features": feats, "weight": head_weight.clone(),
                          "teacher": teacher.logits(_cast(x, teacher.backbone, data.task)).float(),
                          "y": y.long()})
     return problems
@@ -72,31 +130,35 @@ def run_fidelity_of_run(run_dir: Path, cfg: RunConfig, ks, batches: int = 2,
                         modes=("per_sample", "batch_shared", "hybrid"),
                         corrections=("expected",), top_t: int | None = None,
                         seed: int = 0, temperature: float | None = None,
-                        completion: bool = False) -> list[dict]:
-    """Fidelity records of a trained run at its end: the KD term alone (lam = 1), DIS at
+                        completion: bool = False, at: str = "end") -> list[dict]:
+    """Fidelity records of a trained run at the points ``at`` (:func:`resolve_points`;
+    each record's ``step``): the KD term alone (lam = 1), DIS at
     the end of its schedule, the run's temperature and top_t unless given. The sampler
     sees the teacher as training does: its top-``sampling_topk`` ranks when C is larger,
     and at the sampled columns the exact teacher logits (completion=True: the even top-K
     completion, as a store without features); the full gradient is always against the
     true teacher, so the records include the bias of what the sampler sees."""
-    problems = run_batches(run_dir, cfg, batches, seed=seed)
-    for prob in problems:
-        training_view(prob, cfg.method.sampling_topk, completion)
-    C = problems[0]["teacher"].shape[1]
-    ks = [k for k in ks if k < C]
-    if not ks:
-        raise ConfigError(f"fidelity --run: every k must be < the run's class count {C}")
     t = cfg.method.top_t if top_t is None else top_t
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)    # many small ops: extra threads only add contention
-    try:
-        T = cfg.method.temperature if temperature is None else temperature
-        records = run_problems(problems, ks, methods, modes, corrections, T, 1.0, 1.0, t)
-    finally:
-        torch.set_num_threads(saved)
-    for r in records:
-        r["run"], r["temperature"] = str(run_dir), T
+    T = cfg.method.temperature if temperature is None else temperature
+    records = []
+    for step, ckpt in resolve_points(run_dir, at, cfg.train.steps):
+        problems = run_batches(run_dir, cfg, batches, seed=seed, ckpt=ckpt)
+        for prob in problems:
+            training_view(prob, cfg.method.sampling_topk, completion)
+        C = problems[0]["teacher"].shape[1]
+        ks_run = [k for k in ks if k < C]
+        if not ks_run:
+            raise ConfigError(f"fidelity --run: every k must be < the run's class count {C}")
+        saved = torch.get_num_threads()
+        torch.set_num_threads(1)    # many small ops: extra threads only add contention
+        try:
+            recs = run_problems(problems, ks_run, methods, modes, corrections, T, 1.0, 1.0, t)
+        finally:
+            torch.set_num_threads(saved)
+        for r in recs:
+            r["run"], r["temperature"], r["step"] = str(run_dir), T, step
+        records += recs
     return records
 
 
-__all__ = ["run_batches", "run_fidelity_of_run"]
+__all__ = ["checkpoint_steps", "resolve_points", "run_batches", "run_fidelity_of_run", "student_at"]

@@ -89,12 +89,20 @@ def test_fidelity_of_a_trained_run_through_the_cli(tmp_path, teacher_dir):
     the error shares of every record add up to 1, and more draws get closer to full KD."""
     from conftest import run_cli, train_run
 
-    train_run(tmp_path, "s", "method.name=kd", f"teacher.checkpoint={teacher_dir}")
+    train_run(tmp_path, "s", "method.name=kd", f"teacher.checkpoint={teacher_dir}",
+              "train.ckpt_every=10")
     out = tmp_path / "fid.json"
     proc = run_cli(["fidelity", "--run", str(tmp_path / "s"), "--k", "4,16", "--batches", "2",
-                    "--methods", "dis,uniform", "--out", str(out)])
-    assert "error in target" in proc.stdout
+                    "--methods", "dis,uniform", "--out", str(out), "--at", "all"])
+    assert "error in target" in proc.stdout and "**step 10**" in proc.stdout
     recs = json.loads(out.read_text())
+    # step 10 from its checkpoint, step 20 from the exported model (the last checkpoint
+    # is the same state and is not repeated); the same batches at both points.
+    assert sorted({r["step"] for r in recs}) == [10, 20]
+    at10 = [r for r in recs if r["step"] == 10]
+    assert len(at10) == len(recs) // 2
+    assert {r["cosine_logits"] for r in at10} != {r["cosine_logits"] for r in recs if r["step"] == 20}
+    recs = [r for r in recs if r["step"] == 20]
     assert {r["method"] for r in recs} == {"dis", "uniform"} and recs[0]["classes"] == 20
     for r in recs:
         shares = [r[f"err_share_{g}"] for g in ("target", "teacher_top", "student_top", "tail")]
@@ -104,6 +112,33 @@ def test_fidelity_of_a_trained_run_through_the_cli(tmp_path, teacher_dir):
         by_k = {r["k"]: r["cosine_logits"] for r in recs
                 if r["method"] == method and r["mode"] == "per_sample"}
         assert by_k[16] > by_k[4]
+
+
+def test_a_checkpoint_gives_the_student_of_the_exported_model(tmp_path, teacher_dir):
+    """The student read from the last checkpoint (DeepSpeed's model file, the head pieces
+    of two ranks) is the exported model's: same head weight, same features; an unknown
+    step is refused with the steps the run has."""
+    import torch
+    from conftest import train_run
+    from dkd.config import ConfigError, load_config
+    from dkd.data import build_data
+    from dkd.fidelity_run import checkpoint_steps, resolve_points, student_at
+
+    train_run(tmp_path, "s", "method.name=kd", f"teacher.checkpoint={teacher_dir}",
+              "train.ckpt_every=10", nproc=2)
+    run = tmp_path / "s"
+    cfg = load_config(run / "config.yaml")
+    data = build_data(cfg.data)
+    assert sorted(checkpoint_steps(run)) == [10, 20]
+    dev = torch.device("cpu")
+    b_ck, w_ck = student_at(run, cfg, data, dev, checkpoint_steps(run)[20])
+    b_end, w_end = student_at(run, cfg, data, dev, None)
+    x = data.train.get(torch.arange(8))[0]
+    assert torch.equal(w_ck, w_end)
+    torch.testing.assert_close(b_ck(x), b_end(x))
+    with pytest.raises(ConfigError, match=r"--at: '7' is not .* \[10, 20\]"):
+        resolve_points(run, "7", 20)
+    assert [s for s, _ in resolve_points(run, "10,end", 20)] == [10, 20]
 
 
 def test_fidelity_run_needs_a_finished_run(tmp_path):
