@@ -83,7 +83,9 @@ def _build() -> ctypes.CDLL:
                               P, P, P, ctypes.c_float, ctypes.c_float], I),
             ("dkd_gather_dot", [P, I, P, P, I, P, I, I, I], N),
             ("dkd_gather_axpy", [P, P, I, P, I, P, I, I, I], N),
-            ("dkd_sampled_loss", [P, P, P, I, P, I, P, I, I, I, D, D, P, P], None)):
+            ("dkd_sampled_loss", [P, P, P, I, P, I, P, I, I, I, D, D, P, P], None),
+            ("dkd_topk_block", [P, I, I, I, I, I, P, P, P, P, P], None),
+            ("dkd_topk_finish", [P, P, I, I, P, P], N)):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
     return lib
@@ -250,9 +252,48 @@ def sampled_loss(z: torch.Tensor, a: torch.Tensor, o: torch.Tensor, keep, tgt, T
     return grad, out[0], out[1]
 
 
+class RunningTopK:
+    """The per-row top-k and log-sum-exp of a wide (B, C) matrix fed a block of columns at
+    a time (see csrc/head.c, 4): ``update(block, col0)`` with a (B, n) float32 block whose
+    columns are classes [col0, col0 + n) (any row stride, unit column stride); ``result()``
+    the (values, ids) (B, k), values descending (equal values: the smaller id first) and
+    the row log-sum-exp (B,), once at least k columns were fed. The values are
+    ``torch.topk``'s; the log-sum-exp agrees with ``torch.logsumexp`` to float rounding."""
+
+    def __init__(self, B: int, k: int):
+        self.k, self.seen = k, 0
+        # Candidate keys (see csrc/head.c), 16 spare slots for whole-vector stores.
+        self.keys = torch.empty(B, 2 * k + 16, dtype=torch.int64)
+        self.count = torch.zeros(B, dtype=torch.int64)
+        self.thr = torch.full((B,), float("-inf"))
+        self.lse_m = torch.full((B,), float("-inf"))
+        self.lse_s = torch.zeros(B, dtype=torch.float64)
+
+    def update(self, block: torch.Tensor, col0: int) -> None:
+        B, n = block.shape
+        if B != self.count.shape[0] or block.dtype != torch.float32 \
+                or block.device.type != "cpu" or (n > 1 and block.stride(1) != 1):
+            raise ValueError(f"block must be ({self.count.shape[0]}, n) float32 on the host "
+                             f"with unit column stride, got {tuple(block.shape)} {block.dtype}")
+        _lib.dkd_topk_block(block.data_ptr(), block.stride(0), B, n, int(col0), self.k,
+                            self.keys.data_ptr(), self.count.data_ptr(), self.thr.data_ptr(),
+                            self.lse_m.data_ptr(), self.lse_s.data_ptr())
+        self.seen += n
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.seen < self.k:
+            raise ValueError(f"top-{self.k} of only {self.seen} columns")
+        B = self.count.shape[0]
+        vals, ids = torch.empty(B, self.k), torch.empty(B, self.k, dtype=torch.int64)
+        _ok(_lib.dkd_topk_finish(self.keys.data_ptr(), self.count.data_ptr(), B, self.k,
+                                 vals.data_ptr(), ids.data_ptr()), "ids", 0)
+        lse = (self.lse_m.double() + self.lse_s.log()).float()
+        return vals, ids, lse
+
+
 def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
 __all__ = ["available", "status", "supports", "disabled", "row_adam", "gather_dot",
-           "gather_axpy_", "sampled_loss"]
+           "gather_axpy_", "sampled_loss", "RunningTopK"]

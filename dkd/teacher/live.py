@@ -12,7 +12,7 @@ import torch
 
 from dkd.config import ConfigError, ModelConfig
 from dkd.models import build_backbone
-from dkd.teacher.select import row_topk
+from dkd.teacher.select import head_topk
 
 
 def resolve_model_file(path: str | Path) -> Path:
@@ -50,9 +50,8 @@ class LiveTeacher:
         """The teacher's top-k per sample: (ids (B, k), logits (B, k), lse (B,), features
         (B, d_t)); with the head weight, the features give its exact logit at any class."""
         f = self.features(x)
-        z = f @ self.head_weight.T
-        vals, idx = row_topk(z, k)
-        return idx, vals, torch.logsumexp(z, 1), f
+        vals, idx, lse = head_topk(f, self.head_weight, k)
+        return idx, vals, lse, f
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@
  *    (logits[b, j] = x_b . W[idx[b, j]]) and its features' gradient, reading the weight
  *    rows in place instead of gathering a (B, k, d) copy first.
  * 3. dkd_sampled_loss: the one-process sampled KD + CE loss and its gradient in one pass.
+ * 4. dkd_topk_block / dkd_topk_finish: a running per-row top-k over column blocks of the
+ *    teacher's wide logits, which are then never materialised at (B, C).
  *
  * --- 1. dkd_row_adam ---
  *
@@ -29,8 +31,12 @@
  */
 #include <math.h>
 #include <pthread.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* Every kernel that indexes by an id checks all ids first and returns -1, writing
  * nothing, when one is outside [0, hi): the caller raises (an out-of-range id must be an
@@ -303,4 +309,193 @@ void dkd_sampled_loss(const float *z, const float *a, const float *o, int64_t ld
     }
     out[0] = kd_sum / (double)B;
     out[1] = tgt ? ce_sum / (double)B : NAN;
+}
+
+/* --- 4. running top-k over column blocks (the teacher's top-K, dkd/teacher/select.py) ---
+ *
+ * The teacher's (B, C) logits are produced a cache-sized block of columns at a time; each
+ * block updates, per row, a buffer of up to 2k candidates above the row's threshold thr
+ * (B,), and writes the block's row maxima (rowmax, for the streamed log-sum-exp). When a
+ * buffer fills, a selection keeps its k best and thr becomes the worst kept value: later
+ * values must beat it (strict >). So a value costs a vectorised compare, an append when it
+ * passes (about k ln(C / k) per row for logits in no particular order) and a share of a
+ * selection per k appends; a heap would sift on every entry. A candidate is one uint64
+ * key, (~ord(value) << 32) | id with ord the order-preserving map of float bits to uint32:
+ * a smaller key is a larger value, equal values ranked by the smaller id (seen first), so
+ * selection and sort compare integers without branches. The row's log-sum-exp streams
+ * along: m (B,) the running max, s (B,) Σ exp(z − m) in double, rescaled when m grows;
+ * each block row is read again for its exponentials while it is still in L1. */
+static inline uint32_t tk_ord(float x)
+{
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return u ^ ((uint32_t)((int32_t)u >> 31) | 0x80000000u);
+}
+
+static inline float tk_value(uint64_t key)
+{
+    uint32_t o = ~(uint32_t)(key >> 32);
+    uint32_t u = o ^ ((o & 0x80000000u) ? 0x80000000u : 0xFFFFFFFFu);
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+static inline uint64_t tk_key(float x, int64_t id)
+{
+    return ((uint64_t)~tk_ord(x) << 32) | (uint32_t)id;
+}
+
+/* Rearrange keys[0, n) so that the k smallest come first (in no order); 0 < k < n.
+ * Quickselect with a branch-free Lomuto partition (swap always, advance past a smaller
+ * key): random compares would mispredict half the time. */
+static void tk_select(uint64_t *a, int64_t n, int64_t k)
+{
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;    /* median of three as the pivot, at hi */
+        uint64_t x = a[lo], y = a[mid], z = a[hi];
+        uint64_t med = x < y ? (y < z ? y : (x < z ? z : x)) : (x < z ? x : (y < z ? z : y));
+        int64_t at = med == x ? lo : (med == y ? mid : hi);
+        a[at] = z; a[hi] = med;
+        int64_t st = lo;
+        for (int64_t j = lo; j < hi; ++j) {
+            uint64_t v = a[j];
+            a[j] = a[st]; a[st] = v;
+            st += v < med;
+        }
+        a[hi] = a[st]; a[st] = med;          /* [lo, st) smaller than the pivot at st */
+        if (st == k - 1 || st == k) return;
+        if (st > k) hi = st - 1; else lo = st + 1;
+    }
+}
+
+/* Keep the k best of a row buffer; returns the new threshold (the worst kept value). */
+static float tk_compact(uint64_t *a, int64_t n, int64_t k)
+{
+    tk_select(a, n, k);
+    uint64_t w = a[0];
+    for (int64_t j = 1; j < k; ++j) w = a[j] > w ? a[j] : w;
+    return tk_value(w);
+}
+
+#if defined(__AVX512F__)
+/* exp(x) for x <= 0, 16 lanes: 2^n · P(r), n = round(x / ln 2), r = x − n ln 2 (two-part
+ * ln 2), P the degree-7 minimax polynomial of the single-precision exp (within 2 ulp);
+ * scalef applies 2^n and flushes x < −104 to 0. */
+static inline __m512 tk_exp16(__m512 x)
+{
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* Σ exp(row[j] − m) over the block row, for the streamed log-sum-exp. */
+static double tk_expsum(const float *row, int64_t n, float m)
+{
+    int64_t j = 0;
+    double s = 0.0;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps(), vm = _mm512_set1_ps(m);
+    for (; j + 16 <= n; j += 16)
+        acc = _mm512_add_ps(acc, tk_exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), vm)));
+    s = _mm512_reduce_add_ps(acc);
+#endif
+    for (; j < n; ++j) s += expf(row[j] - m);
+    return s;
+}
+
+static void tk_row(const float *row, int64_t n, int64_t col0, int64_t k, uint64_t *a,
+                   int64_t *cnt, float *thr, float *lse_m, double *lse_s)
+{
+    float t = *thr, mx = -INFINITY;
+    int64_t c = *cnt, j = 0;
+#if defined(__AVX512F__)
+    /* 16 at a time: one compare gives the mask of the values that beat t; they are packed
+     * in registers, turned into keys and stored whole (the buffer has 16 spare slots), so
+     * no branch depends on a value. (A compress straight to memory is microcoded on some
+     * CPUs.) */
+    __m512 vmx = _mm512_set1_ps(-INFINITY);
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                            14, 15);
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u), ones = _mm512_set1_epi32(-1);
+    for (; j + 16 <= n; j += 16) {
+        __m512 x = _mm512_loadu_ps(row + j);
+        vmx = _mm512_max_ps(x, vmx);
+        __mmask16 m = _mm512_cmp_ps_mask(x, _mm512_set1_ps(t), _CMP_GT_OQ);
+        if (!m) continue;
+        __m512i u = _mm512_castps_si512(_mm512_maskz_compress_ps(m, x));
+        __m512i ids = _mm512_maskz_compress_epi32(
+            m, _mm512_add_epi32(_mm512_set1_epi32((int)(col0 + j)), lanes));
+        __m512i hi = _mm512_xor_si512(
+            _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), sign)), ones);
+        for (int h = 0; h < 2; ++h) {        /* keys of lanes 8h .. 8h + 7 */
+            __m256i hh = h ? _mm512_extracti64x4_epi64(hi, 1) : _mm512_castsi512_si256(hi);
+            __m256i ii = h ? _mm512_extracti64x4_epi64(ids, 1) : _mm512_castsi512_si256(ids);
+            _mm512_storeu_si512(a + c + 8 * h, _mm512_or_si512(
+                _mm512_slli_epi64(_mm512_cvtepu32_epi64(hh), 32), _mm512_cvtepu32_epi64(ii)));
+        }
+        c += __builtin_popcount(m);
+        if (c >= 2 * k) { t = tk_compact(a, c, k); c = k; }
+    }
+    mx = _mm512_reduce_max_ps(vmx);
+#endif
+    for (; j < n; ++j) {
+        mx = row[j] > mx ? row[j] : mx;
+        if (!(row[j] > t)) continue;
+        a[c] = tk_key(row[j], col0 + j);
+        if (++c >= 2 * k) { t = tk_compact(a, c, k); c = k; }
+    }
+    *cnt = c; *thr = t;
+    float m = mx > *lse_m ? mx : *lse_m;        /* the running max; rescale the old sum */
+    *lse_s = (*lse_s > 0.0 ? *lse_s * exp((double)*lse_m - m) : 0.0) + tk_expsum(row, n, m);
+    *lse_m = m;
+}
+
+/* keys: (B, 2k + 16) candidate buffers (16 spare slots for whole-vector stores). */
+void dkd_topk_block(const float *z, int64_t ld, int64_t B, int64_t n, int64_t col0,
+                    int64_t k, uint64_t *keys, int64_t *cnt, float *thr, float *lse_m,
+                    double *lse_s)
+{
+    for (int64_t b = 0; b < B; ++b)
+        tk_row(z + b * ld, n, col0, k, keys + b * (2 * k + 16), cnt + b, thr + b, lse_m + b,
+               lse_s + b);
+}
+
+/* Each row's k best, values descending (equal values: smaller id first), into vals / ids
+ * (B, k): select, then an LSD radix sort of the k keys (8 passes of 8 bits; tmp: k). */
+int dkd_topk_finish(uint64_t *keys, const int64_t *cnt, int64_t B, int64_t k, float *vals,
+                    int64_t *ids)
+{
+    uint64_t *tmp = malloc(sizeof(uint64_t) * (size_t)k);
+    if (!tmp) return -2;
+    for (int64_t b = 0; b < B; ++b) {
+        uint64_t *a = keys + b * (2 * k + 16), *src = a, *dst = tmp;
+        if (cnt[b] > k) tk_select(a, cnt[b], k);
+        for (int shift = 0; shift < 64; shift += 8) {
+            int64_t h[257] = {0};
+            for (int64_t j = 0; j < k; ++j) ++h[((src[j] >> shift) & 255) + 1];
+            if (h[((src[0] >> shift) & 255) + 1] == k) continue;   /* one digit: no pass */
+            for (int d = 0; d < 256; ++d) h[d + 1] += h[d];
+            for (int64_t j = 0; j < k; ++j) dst[h[(src[j] >> shift) & 255]++] = src[j];
+            uint64_t *sw = src; src = dst; dst = sw;
+        }
+        for (int64_t j = 0; j < k; ++j) {
+            vals[b * k + j] = tk_value(src[j]);
+            ids[b * k + j] = (int64_t)(uint32_t)src[j];
+        }
+    }
+    free(tmp);
+    return 0;
 }
