@@ -175,3 +175,32 @@ def test_mean_sampled_gradient_converges_to_full_kd_at_m_4C(name, mode):
         acc += _sampled_grad(phi, W, a, y, s)
     cos = torch.nn.functional.cosine_similarity((acc / 128).flatten(), full.flatten(), dim=0)
     assert cos >= 0.999, float(cos)
+
+
+def test_native_outside_matches_the_torch_rank_inversion():
+    """The native tail-class kernel = the torch path (sort + searchsorted) of _outside,
+    with per-row and shared draws; every class it returns is outside the row's excluded
+    ids, and out-of-range ids are refused."""
+    from dkd.head import native
+
+    if not native.available():
+        pytest.skip("native kernels unavailable")
+    gen = torch.Generator().manual_seed(3)
+    B, K, C, m = 7, 30, 500, 64
+    ids = torch.stack([torch.randperm(C, generator=gen)[:K] for _ in range(B)])
+    y = torch.randint(0, C, (B,), generator=gen)
+    y[:3] = ids[:3, 5]                                 # rows whose target is in the top-K
+    y_in = (ids == y.unsqueeze(1)).any(1)
+    ext = torch.cat([ids, torch.where(y_in, C, y).unsqueeze(1)], 1)
+    n_out = C - K - (~y_in).long()
+    for i in ((torch.rand(B, m, generator=gen) * n_out.unsqueeze(1)).long(),
+              torch.randint(0, int(n_out.min()), (m,), generator=gen)):
+        got = native.outside(ext, C, i)
+        ref = i.expand(B, -1) + torch.searchsorted(
+            torch.sort(ext, 1).values - torch.arange(K + 1), i.expand(B, -1).contiguous(),
+            right=True)
+        assert torch.equal(got, ref)
+        assert not (got.unsqueeze(2) == ext.unsqueeze(1)).any()
+        assert ((got >= 0) & (got < C)).all()
+    with pytest.raises(IndexError, match="outside"):
+        native.outside(torch.full((1, 3), C + 1), C, torch.zeros(1, 2, dtype=torch.long))

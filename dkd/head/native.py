@@ -85,7 +85,8 @@ def _build() -> ctypes.CDLL:
             ("dkd_gather_axpy", [P, P, I, P, I, P, I, I, I], N),
             ("dkd_sampled_loss", [P, P, P, I, P, I, P, I, I, I, D, D, P, P], None),
             ("dkd_topk_block", [P, I, I, I, I, I, P, P, P, P, P], None),
-            ("dkd_topk_finish", [P, P, I, I, P, P], N)):
+            ("dkd_topk_finish", [P, P, I, I, P, P], N),
+            ("dkd_outside", [P, I, I, I, P, I, I, P], N)):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
     return lib
@@ -291,9 +292,26 @@ class RunningTopK:
         return vals, ids, lse
 
 
+def outside(ex: torch.Tensor, num_classes: int, i: torch.Tensor) -> torch.Tensor:
+    """(B, m) int64: the i[b, j]-th (0-based) class of [0, C) not among row b's excluded
+    ids ``ex`` (B, K + 1) (ids in [0, C]; C is a placeholder that excludes nothing); i is
+    (B, m) or (m,) int64, each entry < C − #excluded. See csrc/head.c, 5."""
+    B, K1 = ex.shape
+    ex = ex.contiguous()
+    i = i.contiguous()
+    m = i.shape[-1]
+    ldi = m if i.dim() == 2 else 0
+    if i.dim() == 2 and i.shape[0] != B:
+        raise ValueError(f"i must be (B, m) with B = {B} or (m,), got {tuple(i.shape)}")
+    out = torch.empty(B, m, dtype=torch.int64)
+    _ok(_lib.dkd_outside(ex.data_ptr(), B, K1, int(num_classes), i.data_ptr(), ldi, m,
+                         out.data_ptr()), "ex", num_classes + 1)
+    return out
+
+
 def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
 __all__ = ["available", "status", "supports", "disabled", "row_adam", "gather_dot",
-           "gather_axpy_", "sampled_loss", "RunningTopK"]
+           "gather_axpy_", "sampled_loss", "RunningTopK", "outside"]

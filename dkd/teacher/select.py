@@ -56,6 +56,7 @@ def head_topk(f: torch.Tensor, weight: torch.Tensor, k: int, block: int = HEAD_B
     from dkd.head import native
 
     B, C = f.shape[0], weight.shape[0]
+    f = f.contiguous()     # a backbone's output may be a strided view (its last position)
     if not (native.available() and native.supports(f, weight) and C > block and k <= C):
         z = f @ weight.T
         vals, ids = row_topk(z, k)

@@ -7,6 +7,7 @@
  * 3. dkd_sampled_loss: the one-process sampled KD + CE loss and its gradient in one pass.
  * 4. dkd_topk_block / dkd_topk_finish: a running per-row top-k over column blocks of the
  *    teacher's wide logits, which are then never materialised at (B, C).
+ * 5. dkd_outside: the classes of per-sample tail draws (rank inversion outside the top-K).
  *
  * --- 1. dkd_row_adam ---
  *
@@ -473,29 +474,72 @@ void dkd_topk_block(const float *z, int64_t ld, int64_t B, int64_t n, int64_t co
                lse_s + b);
 }
 
+/* LSD radix sort of a[0, n) on its low nbits bits, 8 at a time (a pass whose digit is the
+ * same for all is skipped); tmp: n scratch. Returns the buffer that holds the result. */
+static uint64_t *tk_radix(uint64_t *a, uint64_t *tmp, int64_t n, int nbits)
+{
+    uint64_t *src = a, *dst = tmp;
+    for (int shift = 0; shift < nbits && n > 1; shift += 8) {
+        int64_t h[257] = {0};
+        for (int64_t j = 0; j < n; ++j) ++h[((src[j] >> shift) & 255) + 1];
+        if (h[((src[0] >> shift) & 255) + 1] == n) continue;
+        for (int d = 0; d < 256; ++d) h[d + 1] += h[d];
+        for (int64_t j = 0; j < n; ++j) dst[h[(src[j] >> shift) & 255]++] = src[j];
+        uint64_t *sw = src; src = dst; dst = sw;
+    }
+    return src;
+}
+
 /* Each row's k best, values descending (equal values: smaller id first), into vals / ids
- * (B, k): select, then an LSD radix sort of the k keys (8 passes of 8 bits; tmp: k). */
+ * (B, k): select, then a radix sort of the k keys. */
 int dkd_topk_finish(uint64_t *keys, const int64_t *cnt, int64_t B, int64_t k, float *vals,
                     int64_t *ids)
 {
     uint64_t *tmp = malloc(sizeof(uint64_t) * (size_t)k);
     if (!tmp) return -2;
     for (int64_t b = 0; b < B; ++b) {
-        uint64_t *a = keys + b * (2 * k + 16), *src = a, *dst = tmp;
+        uint64_t *a = keys + b * (2 * k + 16), *src;
         if (cnt[b] > k) tk_select(a, cnt[b], k);
-        for (int shift = 0; shift < 64; shift += 8) {
-            int64_t h[257] = {0};
-            for (int64_t j = 0; j < k; ++j) ++h[((src[j] >> shift) & 255) + 1];
-            if (h[((src[0] >> shift) & 255) + 1] == k) continue;   /* one digit: no pass */
-            for (int d = 0; d < 256; ++d) h[d + 1] += h[d];
-            for (int64_t j = 0; j < k; ++j) dst[h[(src[j] >> shift) & 255]++] = src[j];
-            uint64_t *sw = src; src = dst; dst = sw;
-        }
+        src = tk_radix(a, tmp, k, 64);
         for (int64_t j = 0; j < k; ++j) {
             vals[b * k + j] = tk_value(src[j]);
             ids[b * k + j] = (int64_t)(uint32_t)src[j];
         }
     }
     free(tmp);
+    return 0;
+}
+
+/* --- 5. dkd_outside: per-sample tail draws as classes (dkd/sampling/draw.py _outside) ---
+ *
+ * Row b excludes the K + 1 ids ex[b] (its top-K and its target, or C when the target is
+ * already in the top-K); its i-th allowed class (0-based) is i + #{q : s_q - q <= i} with
+ * s the row's excluded ids sorted. One radix sort per row and a binary search per draw,
+ * where the torch path needs a (B, K + 1) sort and a batched searchsorted (~5 ms at
+ * B = 256, K = 256, m = 200 on a host). ex: (B, K + 1) ids in [0, C]; i: (B, m) draws,
+ * row stride ldi (0: one row shared); out: (B, m). Returns -1 (writing nothing) for an id
+ * outside [0, C], -2 without memory. */
+int dkd_outside(const int64_t *ex, int64_t B, int64_t K1, int64_t C, const int64_t *i,
+                int64_t ldi, int64_t m, int64_t *out)
+{
+    if (!ids_ok(ex, B * K1, C + 1)) return -1;
+    uint64_t *buf = malloc(sizeof(uint64_t) * 2 * (size_t)K1);
+    if (!buf) return -2;
+    int nbits = 1;
+    while (nbits < 63 && ((uint64_t)C >> nbits)) ++nbits;
+    for (int64_t b = 0; b < B; ++b) {
+        for (int64_t q = 0; q < K1; ++q) buf[q] = (uint64_t)ex[b * K1 + q];
+        uint64_t *sv = tk_radix(buf, buf + K1, K1, nbits);
+        const int64_t *ib = i + b * ldi;
+        for (int64_t j = 0; j < m; ++j) {
+            int64_t x = ib[j], lo = 0, hi = K1;      /* #{q : sv[q] - q <= x} */
+            while (lo < hi) {
+                int64_t mid = (lo + hi) / 2;
+                if ((int64_t)sv[mid] - mid <= x) lo = mid + 1; else hi = mid;
+            }
+            out[b * m + j] = x + lo;
+        }
+    }
+    free(buf);
     return 0;
 }
