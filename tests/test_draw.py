@@ -195,7 +195,7 @@ def test_native_outside_matches_the_torch_rank_inversion():
     n_out = C - K - (~y_in).long()
     for i in ((torch.rand(B, m, generator=gen) * n_out.unsqueeze(1)).long(),
               torch.randint(0, int(n_out.min()), (m,), generator=gen)):
-        got = native.outside(ext, C, i)
+        got = native.outside(ids, ext[:, -1], C, i)
         ref = i.expand(B, -1) + torch.searchsorted(
             torch.sort(ext, 1).values - torch.arange(K + 1), i.expand(B, -1).contiguous(),
             right=True)
@@ -203,4 +203,34 @@ def test_native_outside_matches_the_torch_rank_inversion():
         assert not (got.unsqueeze(2) == ext.unsqueeze(1)).any()
         assert ((got >= 0) & (got < C)).all()
     with pytest.raises(IndexError, match="outside"):
-        native.outside(torch.full((1, 3), C + 1), C, torch.zeros(1, 2, dtype=torch.long))
+        native.outside(torch.full((1, 3), C + 1), torch.zeros(1, dtype=torch.long), C,
+                       torch.zeros(1, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("top_t,correction", [(0, "expected"), (3, "expected"), (2, "paper")])
+def test_native_rank_draw_is_the_torch_draw(top_t, correction):
+    """On a host the rank proposals' per-sample draw runs as one C pass: the same classes
+    and teacher logits as the torch path, corrections to float rounding (DIS and uniform,
+    targets inside and outside the top-K)."""
+    from dkd.head import native
+    from dkd.sampling.proposals import build_proposal
+    from dkd.sampling.teacher_batch import TopKTeacher
+
+    if not native.available():
+        pytest.skip("native kernels unavailable")
+    gen = torch.Generator().manual_seed(11)
+    B, C, K, m = 24, 3000, 40, 64
+    logits = torch.randn(B, C, generator=gen) * 3
+    teacher = TopKTeacher.from_dense(logits, K)
+    y = torch.randint(0, C, (B,), generator=gen)
+    y[:8] = teacher.ids[torch.arange(8), torch.arange(8) * 3]   # targets in the top-K
+    for prop in (build_proposal("dis", total_steps=100), build_proposal("uniform")):
+        got = draw_sample_set(teacher, y, prop, m, mode="per_sample", top_t=top_t,
+                              correction=correction, key=5)
+        with native.disabled():
+            ref = draw_sample_set(teacher, y, prop, m, mode="per_sample", top_t=top_t,
+                                  correction=correction, key=5)
+        assert torch.equal(got[0].classes, ref[0].classes)
+        assert torch.equal(got[1], ref[1])
+        torch.testing.assert_close(got[0].log_correction, ref[0].log_correction,
+                                   rtol=0, atol=1e-6)

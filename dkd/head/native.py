@@ -86,7 +86,8 @@ def _build() -> ctypes.CDLL:
             ("dkd_sampled_loss", [P, P, P, I, P, I, P, I, I, I, D, D, P, P], None),
             ("dkd_topk_block", [P, I, I, I, I, I, P, P, P, P, P], None),
             ("dkd_topk_finish", [P, P, I, I, P, P], N),
-            ("dkd_outside", [P, I, I, I, P, I, I, P], N)):
+            ("dkd_outside", [P, P, I, I, I, P, I, I, P], N),
+            ("dkd_rank_draw", [P, P, P, I, I, I, P, P, I, P, P, I, D, P, P, P, P], N)):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
     return lib
@@ -292,21 +293,47 @@ class RunningTopK:
         return vals, ids, lse
 
 
-def outside(ex: torch.Tensor, num_classes: int, i: torch.Tensor) -> torch.Tensor:
+def outside(ex: torch.Tensor, extra: torch.Tensor, num_classes: int,
+            i: torch.Tensor) -> torch.Tensor:
     """(B, m) int64: the i[b, j]-th (0-based) class of [0, C) not among row b's excluded
-    ids ``ex`` (B, K + 1) (ids in [0, C]; C is a placeholder that excludes nothing); i is
-    (B, m) or (m,) int64, each entry < C − #excluded. See csrc/head.c, 5."""
-    B, K1 = ex.shape
-    ex = ex.contiguous()
+    ids ``ex`` (B, K) and ``extra`` (B,) (ids in [0, C]; C is a placeholder that excludes
+    nothing); i is (B, m) or (m,) int64, each entry < C − #excluded. See csrc/head.c, 5."""
+    B, K = ex.shape
+    ex, extra = ex.contiguous(), extra.contiguous()
+    if extra.shape != (B,):
+        raise ValueError(f"extra must be (B,) = ({B},), got {tuple(extra.shape)}")
     i = i.contiguous()
     m = i.shape[-1]
     ldi = m if i.dim() == 2 else 0
     if i.dim() == 2 and i.shape[0] != B:
         raise ValueError(f"i must be (B, m) with B = {B} or (m,), got {tuple(i.shape)}")
     out = torch.empty(B, m, dtype=torch.int64)
-    _ok(_lib.dkd_outside(ex.data_ptr(), B, K1, int(num_classes), i.data_ptr(), ldi, m,
-                         out.data_ptr()), "ex", num_classes + 1)
+    _ok(_lib.dkd_outside(ex.data_ptr(), extra.data_ptr(), B, K, int(num_classes),
+                         i.data_ptr(), ldi, m, out.data_ptr()), "ex", num_classes + 1)
     return out
+
+
+def rank_draw(ids, y, pos_y, num_classes: int, bins, cum, kd, u_tail, shift: float):
+    """A rank proposal's per-sample draw in one pass (csrc/head.c, 5): ids (B, K) the
+    rows' top-K ranked, y / pos_y (B,) targets and their top-K column (K: absent), bins /
+    cum (Kb + 1,) float64 rank masses and their cumulative sum, kd (m,) the shared ranks,
+    u_tail (m,) float64 uniforms of the tail draws, shift = log Z − log m. Returns
+    (classes, columns (B, m) int64, o (B, m) float32, in_tail (B, m) bool)."""
+    B, K = ids.shape
+    m = kd.numel()
+    ids, y, pos_y = ids.contiguous(), y.long().contiguous(), pos_y.contiguous()
+    bins, cum = bins.contiguous(), cum.contiguous()
+    kd, u_tail = kd.contiguous(), u_tail.contiguous()
+    if bins.dtype != torch.float64 or cum.dtype != torch.float64 or u_tail.dtype != torch.float64:
+        raise ValueError("bins, cum and u_tail must be float64")
+    cls, col = torch.empty(B, m, dtype=torch.int64), torch.empty(B, m, dtype=torch.int64)
+    o, tail = torch.empty(B, m), torch.empty(B, m, dtype=torch.uint8)
+    _ok(_lib.dkd_rank_draw(ids.data_ptr(), y.data_ptr(), pos_y.data_ptr(), B, K,
+                           int(num_classes), bins.data_ptr(), cum.data_ptr(),
+                           bins.numel() - 1, kd.data_ptr(), u_tail.data_ptr(), m, float(shift),
+                           cls.data_ptr(), col.data_ptr(), o.data_ptr(), tail.data_ptr()),
+        "ids", num_classes)
+    return cls, col, o, tail.bool()
 
 
 def _ptr(t: torch.Tensor | None):
@@ -314,4 +341,4 @@ def _ptr(t: torch.Tensor | None):
 
 
 __all__ = ["available", "status", "supports", "disabled", "row_adam", "gather_dot",
-           "gather_axpy_", "sampled_loss", "RunningTopK", "outside"]
+           "gather_axpy_", "sampled_loss", "RunningTopK", "outside", "rank_draw"]

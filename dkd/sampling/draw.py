@@ -206,9 +206,10 @@ def _outside(teacher, y, y_in, i: torch.Tensor) -> torch.Tensor:
     top-K), s_q − q counts the allowed classes below s_q, so the answer is
     i + #{q : s_q − q <= i}, one batched searchsorted of each row's draws in its own keys."""
     K, dev = teacher.k, y.device
-    ext = torch.cat([teacher.ids, torch.where(y_in, teacher.num_classes, y.long()).unsqueeze(1)], 1)
-    if native.available() and native.supports(ext, i):   # a host: one C pass, not ~9 ops
-        return native.outside(ext, teacher.num_classes, i)
+    extra = torch.where(y_in, teacher.num_classes, y.long())
+    if native.available() and native.supports(teacher.ids, extra, i):   # one C pass, not ~9 ops
+        return native.outside(teacher.ids, extra, teacher.num_classes, i)
+    ext = torch.cat([teacher.ids, extra.unsqueeze(1)], 1)
     s = torch.sort(ext, 1).values - torch.arange(K + 1, device=dev)
     i = i.expand(teacher.batch, -1).contiguous()
     return i + torch.searchsorted(s, i, right=True)
@@ -229,12 +230,25 @@ def _per_sample(teacher, y, proposal, m, top_t, correction, key, ws, want_a=True
         cum = bins.cumsum(0)
         Z = cum[-1]
         k = torch.searchsorted(cum, _u(key, _S_ENTRY, (m,), dev) * Z).clamp_(max=Kb)
+        if K < C and native.available() and native.supports(teacher.ids, pos_y, bins):
+            # A host: the rest of this branch (~40 small ops) as one C pass, same result.
+            shift = math.log(float(Z)) - (math.log(m) if correction == "expected" else 0.0)
+            cls, col, o, is_tail = native.rank_draw(teacher.ids, y, pos_y, C, bins, cum, k,
+                                                    _u(key, _S_TAIL, (m,), dev), shift)
+            a = None
+            if want_a:
+                a = torch.where(is_tail, teacher.rest_logit().to(teacher.logits.dtype)
+                                .unsqueeze(1), teacher.logits.gather(1, col))
+            return _per_sample_set(det, det_a, cls, o, a, ws)
         h = (K - y_in.long()).unsqueeze(1)             # top-K non-target ranks per row
         is_tail = k.unsqueeze(0) >= h                  # (B, m)
         col = (k.unsqueeze(0) + (k.unsqueeze(0) >= pos_y.unsqueeze(1)).long()).clamp_(max=K - 1)
         tail_mass = Z - torch.cat([cum.new_zeros(1), cum]).index_select(0, h.squeeze(1))
         p_tail = tail_mass / n_out.clamp(min=1)
-        prob = torch.where(is_tail, p_tail.unsqueeze(1), bins.index_select(0, k).unsqueeze(0))
+        # Logs of the (B,) tail entries and the (m,) drawn bins, then one (B, m) select:
+        # a float64 log over (B, m) costs more than the rest of this branch.
+        log_prob = torch.where(is_tail, torch.log(p_tail).unsqueeze(1),
+                               torch.log(bins.index_select(0, k)).unsqueeze(0))
         log_den = torch.log(Z)
         i_tail = (_u(key, _S_TAIL, (m,), dev).unsqueeze(0) * n_out.unsqueeze(1)).long()
     else:
@@ -255,6 +269,7 @@ def _per_sample(teacher, y, proposal, m, top_t, correction, key, ws, want_a=True
         is_tail = jj == K
         col = jj.clamp(max=K - 1)
         prob = P.gather(1, jj) / torch.where(is_tail, n_out.clamp(min=1).unsqueeze(1), 1)
+        log_prob = torch.log(prob)
         log_den = torch.log(total)
         i_tail = (u[1] * n_out.unsqueeze(1)).long()
     cls = teacher.ids.gather(1, col)
@@ -264,12 +279,18 @@ def _per_sample(teacher, y, proposal, m, top_t, correction, key, ws, want_a=True
         cls = torch.where(is_tail, tail_cls, cls)
         if want_a:
             a = torch.where(is_tail, teacher.rest_logit().to(a.dtype).unsqueeze(1), a)
-    o = torch.log(prob) - log_den + (math.log(m) if correction == "expected" else 0.0)
-    nd = det.shape[1]
+    o = log_prob.sub_(log_den - (math.log(m) if correction == "expected" else 0.0)).float()
+    return _per_sample_set(det, det_a, cls, o, a, ws)
+
+
+def _per_sample_set(det, det_a, cls, o, a, ws):
+    """The per-sample SampleSet [D_b | draws] and its teacher logits (None: not wanted)."""
+    (B, nd), m = det.shape, cls.shape[1]
     return SampleSet(classes=torch.cat([det, cls], 1),
-                     log_correction=torch.cat([o.new_zeros(B, nd), o], 1).float(),
-                     deterministic=arange(nd + m, dev, ws) < nd, mask=None,
-                     mode="per_sample", shared_from=nd), torch.cat([det_a, a], 1) if want_a else None
+                     log_correction=torch.cat([o.new_zeros(B, nd), o], 1),
+                     deterministic=arange(nd + m, det.device, ws) < nd, mask=None,
+                     mode="per_sample", shared_from=nd), (torch.cat([det_a, a], 1)
+                                                          if a is not None else None)
 
 
 # ---------------------------------------------------------------- entry point

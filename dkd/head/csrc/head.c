@@ -7,7 +7,8 @@
  * 3. dkd_sampled_loss: the one-process sampled KD + CE loss and its gradient in one pass.
  * 4. dkd_topk_block / dkd_topk_finish: a running per-row top-k over column blocks of the
  *    teacher's wide logits, which are then never materialised at (B, C).
- * 5. dkd_outside: the classes of per-sample tail draws (rank inversion outside the top-K).
+ * 5. dkd_outside: the classes of per-sample tail draws (rank inversion outside the top-K);
+ *    dkd_rank_draw: a rank proposal's whole per-sample draw (classes and corrections).
  *
  * --- 1. dkd_row_adam ---
  *
@@ -512,32 +513,85 @@ int dkd_topk_finish(uint64_t *keys, const int64_t *cnt, int64_t B, int64_t k, fl
 
 /* --- 5. dkd_outside: per-sample tail draws as classes (dkd/sampling/draw.py _outside) ---
  *
- * Row b excludes the K + 1 ids ex[b] (its top-K and its target, or C when the target is
- * already in the top-K); its i-th allowed class (0-based) is i + #{q : s_q - q <= i} with
+ * Row b excludes the K + 1 ids ex[b], extra[b] (its top-K and its target, or C when the
+ * target is already in the top-K); its i-th allowed class (0-based) is i + #{q : s_q - q <= i} with
  * s the row's excluded ids sorted. One radix sort per row and a binary search per draw,
  * where the torch path needs a (B, K + 1) sort and a batched searchsorted (~5 ms at
- * B = 256, K = 256, m = 200 on a host). ex: (B, K + 1) ids in [0, C]; i: (B, m) draws,
+ * B = 256, K = 256, m = 200 on a host). ex: (B, K), extra: (B,) ids in [0, C]; i: (B, m) draws,
  * row stride ldi (0: one row shared); out: (B, m). Returns -1 (writing nothing) for an id
  * outside [0, C], -2 without memory. */
-int dkd_outside(const int64_t *ex, int64_t B, int64_t K1, int64_t C, const int64_t *i,
-                int64_t ldi, int64_t m, int64_t *out)
+/* Row's excluded ids [ex[0, K), extra] sorted (buf: 2 (K + 1) scratch). */
+static const uint64_t *excluded_sorted(const int64_t *ex, int64_t extra, int64_t K,
+                                       uint64_t *buf, int nbits)
 {
-    if (!ids_ok(ex, B * K1, C + 1)) return -1;
+    for (int64_t q = 0; q < K; ++q) buf[q] = (uint64_t)ex[q];
+    buf[K] = (uint64_t)extra;
+    return tk_radix(buf, buf + K + 1, K + 1, nbits);
+}
+
+/* The x-th allowed class: x + #{q : sv[q] - q <= x} (sv: n sorted excluded ids). */
+static inline int64_t allowed(const uint64_t *sv, int64_t n, int64_t x)
+{
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+        int64_t mid = (lo + hi) / 2;
+        if ((int64_t)sv[mid] - mid <= x) lo = mid + 1; else hi = mid;
+    }
+    return x + lo;
+}
+
+int dkd_outside(const int64_t *ex, const int64_t *extra, int64_t B, int64_t K, int64_t C,
+                const int64_t *i, int64_t ldi, int64_t m, int64_t *out)
+{
+    if (!ids_ok(ex, B * K, C + 1) || !ids_ok(extra, B, C + 1)) return -1;
+    int64_t K1 = K + 1;
     uint64_t *buf = malloc(sizeof(uint64_t) * 2 * (size_t)K1);
     if (!buf) return -2;
     int nbits = 1;
     while (nbits < 63 && ((uint64_t)C >> nbits)) ++nbits;
     for (int64_t b = 0; b < B; ++b) {
-        for (int64_t q = 0; q < K1; ++q) buf[q] = (uint64_t)ex[b * K1 + q];
-        uint64_t *sv = tk_radix(buf, buf + K1, K1, nbits);
+        const uint64_t *sv = excluded_sorted(ex + b * K, extra[b], K, buf, nbits);
         const int64_t *ib = i + b * ldi;
+        for (int64_t j = 0; j < m; ++j) out[b * m + j] = allowed(sv, K1, ib[j]);
+    }
+    free(buf);
+    return 0;
+}
+
+/* A rank proposal's per-sample draw (dkd/sampling/draw.py _per_sample, rank branch), all
+ * rows in one pass. The m ranks kd (m,) are shared by the batch (drawn from the bins);
+ * for row b a rank below h_b = K − [target in top-K] is a top-K class (column
+ * kd + [kd >= pos_y], the target's column skipped), any other a uniform class outside the
+ * row's top-K and target: the floor(u_tail · n_out)-th, by the rank inversion above.
+ * Density: bins[kd] for a top-K rank, the row's tail mass / n_out in the tail; o =
+ * log(density) − shift (shift = log Z − log m, the same float64 arithmetic as the torch
+ * path). cum: (Kb + 1,) cumulative bins; out: cls, col (B, m) int64, o (B, m) float32,
+ * tail (B, m) uint8. Returns -1 for an id outside [0, C], -2 without memory. */
+int dkd_rank_draw(const int64_t *ids, const int64_t *y, const int64_t *pos_y, int64_t B,
+                  int64_t K, int64_t C, const double *bins, const double *cum, int64_t Kb,
+                  const int64_t *kd, const double *u_tail, int64_t m, double shift,
+                  int64_t *cls, int64_t *col, float *o, uint8_t *tail)
+{
+    if (!ids_ok(ids, B * K, C) || !ids_ok(y, B, C)) return -1;
+    uint64_t *buf = malloc(sizeof(uint64_t) * 2 * (size_t)(K + 1));
+    if (!buf) return -2;
+    int nbits = 1;
+    while (nbits < 63 && ((uint64_t)C >> nbits)) ++nbits;
+    double Z = cum[Kb];
+    for (int64_t b = 0; b < B; ++b) {
+        int64_t p = pos_y[b], y_in = p < K, h = K - y_in, n_out = (C - K) - !y_in;
+        double tail_mass = Z - (h > 0 ? cum[h - 1] : 0.0);
+        double lp_tail = log(tail_mass / (double)(n_out > 1 ? n_out : 1));
+        const uint64_t *sv = excluded_sorted(ids + b * K, y_in ? C : y[b], K, buf, nbits);
         for (int64_t j = 0; j < m; ++j) {
-            int64_t x = ib[j], lo = 0, hi = K1;      /* #{q : sv[q] - q <= x} */
-            while (lo < hi) {
-                int64_t mid = (lo + hi) / 2;
-                if ((int64_t)sv[mid] - mid <= x) lo = mid + 1; else hi = mid;
-            }
-            out[b * m + j] = x + lo;
+            int64_t k = kd[j], t = k >= h, c = k + (k >= p);
+            c = c < K - 1 ? c : K - 1;
+            int64_t q = (int64_t)(u_tail[j] * (double)n_out);
+            int64_t r = b * m + j;
+            col[r] = c;
+            tail[r] = (uint8_t)t;
+            cls[r] = t ? allowed(sv, K + 1, q > 0 ? q : 0) : ids[b * K + c];
+            o[r] = (float)((t ? lp_tail : log(bins[k])) - shift);
         }
     }
     free(buf);
