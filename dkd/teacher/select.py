@@ -16,7 +16,7 @@ buffer, which stays in cache, and each block feeds the native running top-k
 and log-sum-exp (:class:`dkd.head.native.RunningTopK`: a running row max m and
 Σ exp(z − m), rescaled when m grows). Timed alone at B = 256, C = 20,001, d = 128, k = 256
 (one thread): the dense ``f @ W.T`` 26–29 ms, dense + :func:`row_topk` + ``logsumexp``
-84–88 ms, the streamed top-k with its log-sum-exp 22–25 ms (see the README).
+64–88 ms, the streamed top-k with its log-sum-exp 25–28 ms (see the README).
 """
 from __future__ import annotations
 
