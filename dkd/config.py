@@ -180,6 +180,16 @@ class MethodConfig(_Section):
     C classes instead (0 = never): it re-anchors the rows the sampler rarely draws."""
     correction: Literal["expected", "paper"] = "expected"
     """Log correction of sampled classes: log(m r) (consistent) or Algorithm 1 as printed."""
+    prior: Literal["none", "unigram", "log_uniform"] = "none"
+    """Sampled methods, batch_shared / hybrid: draw from (1 - prior_weight) * r_bar +
+    prior_weight * pi, a class prior mixed into the teacher-rank proposal: unigram =
+    (training-label count + 1)^prior_alpha, log_uniform = the Zipf law
+    log((f + 2) / (f + 1)) over each class's frequency rank f (the samplers of sampled-softmax
+    language models). It covers frequent classes that a batch's teacher ranks leave thin."""
+    prior_weight: float = Field(0.25, ge=0.0, lt=1.0)
+    """Weight of the class prior in the proposal (with method.prior)."""
+    prior_alpha: float = Field(0.75, gt=0)
+    """Exponent of the unigram prior (1: the label frequencies; smaller: flatter)."""
     sim_temperature: float = Field(0.1, gt=0)
     """KD-sim: temperature applied to the cosine similarities of teacher weight rows."""
     sim_power: float = Field(1.0, gt=0)
@@ -203,6 +213,12 @@ class MethodConfig(_Section):
             raise ValueError(f"unknown method {self.name!r}; expected one of {', '.join(METHODS)}")
         if self.name in SAMPLED_METHODS + ("pdbs", "kd_topk") and self.k is None:
             raise ValueError(f"method {self.name!r} needs method.k (classes per sample, >= 1)")
+        if self.prior != "none" and (self.name not in SAMPLED_METHODS
+                                     or self.mode == "per_sample"):
+            raise ValueError(f"method.prior={self.prior!r} mixes a class prior into the shared "
+                             f"draws of a sampled method: it needs method.name in "
+                             f"{', '.join(SAMPLED_METHODS)} and method.mode batch_shared or "
+                             f"hybrid (got {self.name!r}, {self.mode!r})")
         return self
 
 

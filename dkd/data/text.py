@@ -83,6 +83,10 @@ class TextSplit:
         x = self.ids[idx[:, None] + self._offsets]
         return x.float(), self.ids[idx + self.context]
 
+    def labels(self) -> torch.Tensor:
+        """(len,) every sample's next-token id, in sample order."""
+        return self.ids[self.context:]
+
 
 class TextCorpus:
     """Tokens, vocabulary and the two splits of a set of text files."""

@@ -18,6 +18,7 @@ from dkd.engine.softmax_layer import SoftmaxLayer
 from dkd.head.head import ShardedHead
 from dkd.head.sparse_optim import SparseRowOptimizer
 from dkd.models import build_backbone
+from dkd.sampling.prior import class_prior, label_counts
 from dkd.teacher.source import build_teacher
 
 
@@ -102,9 +103,13 @@ def assemble(cfg: RunConfig, ctx: DistContext, data: DataBundle, teacher,
                                            config=ds_config)
     head = ShardedHead(data.num_classes, cfg.model.feature_dim, ctx.group,
                        init_std=(3 * cfg.model.feature_dim) ** -0.5, seed=cfg.seed, device=ctx.device)
+    prior = None
+    if cfg.method.prior != "none":   # from the training labels: the same on every rank
+        prior = class_prior(cfg.method.prior, label_counts(data.train, data.num_classes),
+                            cfg.method.prior_alpha)
     layer = SoftmaxLayer(cfg.method, data.num_classes, head.start, head.end, ctx.group,
                          cfg.train.steps, seed=cfg.seed,
-                         check_sync=cfg.dist.check_sample_sync)
+                         check_sync=cfg.dist.check_sample_sync, prior=prior)
     return TrainParts(ctx, data, teacher, getattr(teacher, "head_weight", None),
                       engine, head, head_optimizer(head, cfg), layer,
                       torch.bfloat16 if use_bf16(cfg, ctx) else torch.float32)

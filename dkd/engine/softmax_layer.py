@@ -82,7 +82,8 @@ class SoftmaxLayer:
     """Computes the loss dict of one step; the head records the rows it touched."""
 
     def __init__(self, cfg: MethodConfig, num_classes: int, start: int, end: int, group,
-                 total_steps: int, seed: int = 0, check_sync: bool = False):
+                 total_steps: int, seed: int = 0, check_sync: bool = False,
+                 prior: torch.Tensor | None = None):
         self.cfg, self.C, self.start, self.end, self.group = cfg, num_classes, start, end, group
         self.seed, self.check_sync = seed, check_sync
         self.proposal = build_method_proposal(cfg, total_steps)
@@ -98,6 +99,17 @@ class SoftmaxLayer:
         # Sharded batch-shared sampling draws per rank (stratified) unless told otherwise.
         self.stratified = (self.world > 1 and cfg.mode == "batch_shared" and cfg.stratified
                            and cfg.name in SAMPLED_METHODS)
+        # method.prior: the class prior π (C,) of the shared draws, with its CDF and weight.
+        self.prior = None
+        if cfg.prior != "none":
+            if prior is None or prior.shape != (num_classes,):
+                raise ValueError(f"method.prior={cfg.prior!r} needs the class prior "
+                                 f"({num_classes},), got {None if prior is None else tuple(prior.shape)}")
+            if self.stratified:
+                raise ValueError("method.prior mixes into one global set of draws: on several "
+                                 "ranks set method.stratified=false")
+            pi = prior.double()
+            self.prior = (pi, pi.cumsum(0), float(cfg.prior_weight))
         # Profiling hook: the engine sets this to its RegionTimer.region (null by default).
         self.region = lambda name: contextlib.nullcontext()
 
@@ -131,10 +143,18 @@ class SoftmaxLayer:
         s, a = draw_sample_set(teacher, y, self.proposal, cfg.k, mode=cfg.mode,
                                top_t=cfg.top_t, correction=cfg.correction,
                                key=draw_key(self.seed, step), shard=shard,
-                               workspace=self.workspace, teacher_logits=not teacher.exact)
+                               workspace=self.workspace, teacher_logits=not teacher.exact,
+                               prior=self._prior_on(y.device))
         if teacher.exact:   # the teacher's own logits, not the top-K completion
             a = column_logits(teacher.feats, teacher.head, s.classes).to(teacher.logits.dtype)
         return s, a
+
+    def _prior_on(self, device):
+        """The prior tuple on the step's device (moved once)."""
+        if self.prior is not None and self.prior[0].device != device:
+            pi, cum, beta = self.prior
+            self.prior = (pi.to(device), cum.to(device), beta)
+        return self.prior
 
     def sampled(self, feats, head, y, teacher, step: int, lam: float, T: float) -> dict:
         with self.region("sampling"):

@@ -52,7 +52,7 @@ from dkd.sampling.sample_set import CORRECTIONS, MASKED, MODES, SampleSet
 from dkd.sampling.teacher_batch import TopKTeacher
 
 # Streams of one step's key (rank r's stratified draws use _S_SHARD + r).
-_S_ROW, _S_ENTRY, _S_TAIL, _S_COUNT, _S_SHARD = 1, 2, 3, 4, 16
+_S_ROW, _S_ENTRY, _S_TAIL, _S_COUNT, _S_PRIOR, _S_SHARD = 1, 2, 3, 4, 5, 16
 
 
 def _u(key: int, stream: int, shape, device) -> torch.Tensor:
@@ -99,7 +99,25 @@ def _draw_rbar(teacher: TopKTeacher, E: torch.Tensor, m: int, key: int, ws) -> t
     return c if K == C else torch.where(j >= K, tail, c)
 
 
-def _batch_shared(teacher, y, proposal, m, top_t, correction, key, ws, shard=None, want_a=True):
+def _mix_prior(draws: torch.Tensor, prior, key: int) -> torch.Tensor:
+    """Each of the m draws of r̄ replaced, with probability β, by a class of the prior π:
+    draws of (1 − β)·r̄ + β·π. prior = (π (C,), its cumulative sum (C,), β), float64."""
+    _, cum, beta = prior
+    u = _u(key, _S_PRIOR, (2, draws.numel()), draws.device)
+    c = torch.searchsorted(cum, u[1] * cum[-1]).clamp_(max=cum.numel() - 1)
+    return torch.where(u[0] < beta, c, draws)
+
+
+def _mixed_density(rbar: torch.Tensor, classes: torch.Tensor, prior) -> torch.Tensor:
+    """(1 − β)·r̄(c) + β·π(c) at the columns (the identity without a prior)."""
+    if prior is None:
+        return rbar
+    pi, _, beta = prior
+    return torch.add(rbar * (1.0 - beta), pi.index_select(0, classes), alpha=beta)
+
+
+def _batch_shared(teacher, y, proposal, m, top_t, correction, key, ws, shard=None, want_a=True,
+                  prior=None):
     dev = y.device
     E = row_entries(teacher, proposal, ws)
     if top_t:
@@ -111,10 +129,13 @@ def _batch_shared(teacher, y, proposal, m, top_t, correction, key, ws, shard=Non
     n = nD + m
     if shard is None:
         draws, valid = _draw_rbar(teacher, E, m, key, ws), None
+        if prior is not None:
+            draws = _mix_prior(draws, prior, key)
     else:
         draws, valid, log_n_over_R = _draw_shard(teacher, E, m, key, shard, ws)
     classes = torch.cat([D, draws])
     rep, a, rbar = shared_lookup(teacher, classes, E, ws, want_logits=want_a)
+    rbar = _mixed_density(rbar, classes, prior)
     is_d = _cached(ws, ("is_d", nD, m, str(dev)), lambda: arange(n, dev, ws) < nD)
     first = rep == arange(n, dev, ws)
     # A class drawn several times is one column carrying its count (o − log count, the
@@ -179,12 +200,15 @@ def _draw_shard(teacher, E, m, key, shard, ws):
     return c, valid, log_n_over_R
 
 
-def _hybrid(teacher, y, proposal, m, top_t, correction, key, ws, want_a=True):
+def _hybrid(teacher, y, proposal, m, top_t, correction, key, ws, want_a=True, prior=None):
     B, dev = teacher.batch, y.device
     E = row_entries(teacher, proposal, ws)
     det, det_a = _row_deterministic(teacher, y, top_t, teacher.target_position(y), ws)
     draws = _draw_rbar(teacher, E, m, key, ws)
+    if prior is not None:
+        draws = _mix_prior(draws, prior, key)
     rep, a_s, rbar = shared_lookup(teacher, draws, E, ws, want_logits=want_a)
+    rbar = _mixed_density(rbar, draws, prior)
     first = rep == arange(m, dev, ws)              # repeats: one column with its count
     count = torch.zeros(m, dtype=torch.float64, device=dev).index_add_(
         0, rep, torch.ones_like(rbar)).index_select(0, rep)
@@ -312,8 +336,8 @@ def check_args(teacher: TopKTeacher, y, m, top_t, mode, correction) -> None:
 def draw_sample_set(teacher: TopKTeacher, y: torch.Tensor, proposal: Proposal, m: int, *,
                     mode: str = "per_sample", top_t: int = 0, correction: str = "expected",
                     key: int = 0, shard: tuple[list, int] | None = None,
-                    workspace: dict | None = None,
-                    teacher_logits: bool = True) -> tuple[SampleSet, torch.Tensor | None]:
+                    workspace: dict | None = None, teacher_logits: bool = True,
+                    prior: tuple | None = None) -> tuple[SampleSet, torch.Tensor | None]:
     """The step's (SampleSet, teacher logits at its columns (B, n)); see the module doc.
 
     key: the step's host integer key (:func:`dkd.sampling.rng.draw_key`); shard:
@@ -321,16 +345,25 @@ def draw_sample_set(teacher: TopKTeacher, y: torch.Tensor, proposal: Proposal, m
     global set). workspace: a dict kept across steps (the slot map, cached index tensors).
     teacher_logits=False: the caller computes the teacher logits at the columns itself (a
     live teacher's exact ones), so none are looked up and the second value is None.
+    prior: (π (C,), cumsum(π) (C,), β) float64: batch_shared / hybrid draws come from
+    (1 − β)·r̄ + β·π (``method.prior``; :mod:`dkd.sampling.prior`), corrections likewise.
     """
     teacher = teacher.sorted()
     check_args(teacher, y, m, top_t, mode, correction)
     if shard is not None and mode != "batch_shared":
         raise ValueError(f"stratified (per-shard) draws need mode batch_shared, got {mode!r}")
+    if prior is not None and (mode == "per_sample" or shard is not None):
+        raise ValueError("a class prior mixes into shared draws: mode batch_shared (one "
+                         "global set, not stratified per shard) or hybrid, got "
+                         f"{mode!r}{' stratified' if shard is not None else ''}")
     if mode == "batch_shared":
         return _batch_shared(teacher, y, proposal, m, top_t, correction, key, workspace, shard,
-                             teacher_logits)
-    fn = _per_sample if mode == "per_sample" else _hybrid
-    return fn(teacher, y, proposal, m, top_t, correction, key, workspace, teacher_logits)
+                             teacher_logits, prior)
+    if mode == "hybrid":
+        return _hybrid(teacher, y, proposal, m, top_t, correction, key, workspace,
+                       teacher_logits, prior)
+    return _per_sample(teacher, y, proposal, m, top_t, correction, key, workspace,
+                       teacher_logits)
 
 
 __all__ = ["draw_sample_set", "check_args"]
