@@ -19,20 +19,12 @@ import torch
 
 from dkd.config import ConfigError, RunConfig
 from dkd.data import build_data
+from dkd.engine.checkpoint import backbone_state, checkpoint_steps, load_head_pieces
 from dkd.fidelity import run_problems
+from dkd.head.head import ShardedHead
 from dkd.models import build_backbone
 from dkd.sampling.teacher_batch import TopKTeacher
 from dkd.teacher.live import LiveTeacher
-
-
-def checkpoint_steps(run_dir: Path) -> dict[int, Path]:
-    """{step: directory} of the run's complete checkpoints (those with state.pt)."""
-    root = Path(run_dir) / "checkpoints"
-    found = {}
-    for d in sorted(root.glob("step*")) if root.is_dir() else []:
-        if d.name[4:].isdigit() and (d / "state.pt").is_file():
-            found[int(d.name[4:])] = d
-    return found
 
 
 def resolve_points(run_dir: Path, at: str, end_step: int) -> list[tuple[int, Path | None]]:
@@ -65,20 +57,11 @@ def student_at(run_dir: Path, cfg: RunConfig, data, dev, ckpt: Path | None):
                               f"run (its exported model), or --at with checkpoint steps")
         s = LiveTeacher(run_dir, data.num_classes, data.input_dim, dev, **data.backbone_kwargs())
         return s.backbone, s.head_weight
-    model_file = ckpt / "backbone" / "ds" / "mp_rank_00_model_states.pt"
-    if not model_file.is_file():
-        raise ConfigError(f"{model_file} not found: checkpoint {ckpt} has no backbone")
     backbone = build_backbone(cfg.model, data.input_dim, **data.backbone_kwargs())
-    backbone.load_state_dict(torch.load(model_file, map_location="cpu",
-                                        weights_only=False)["module"])
-    pieces = [torch.load(f, map_location="cpu", weights_only=False)
-              for f in ckpt.glob("head-*-*.pt")]
-    pieces = sorted((p for p in pieces if p is not None), key=lambda p: p["start"])
-    if [p["start"] for p in pieces] != [0] + [p["end"] for p in pieces[:-1]] \
-            or not pieces or pieces[-1]["end"] != data.num_classes:
-        raise ConfigError(f"checkpoint {ckpt}: head pieces do not cover classes "
-                          f"[0, {data.num_classes}) once")
-    return backbone.to(dev).eval(), torch.cat([p["weight"] for p in pieces]).float().to(dev)
+    backbone.load_state_dict(backbone_state(ckpt))
+    head = ShardedHead(data.num_classes, cfg.model.feature_dim, None)
+    load_head_pieces(ckpt, head, None, data.num_classes)   # checks the pieces cover C
+    return backbone.to(dev).eval(), head.weight.detach().float().to(dev)
 
 
 @torch.no_grad()
@@ -161,4 +144,4 @@ def run_fidelity_of_run(run_dir: Path, cfg: RunConfig, ks, batches: int = 2,
     return records
 
 
-__all__ = ["checkpoint_steps", "resolve_points", "run_batches", "run_fidelity_of_run", "student_at"]
+__all__ = ["resolve_points", "run_batches", "run_fidelity_of_run", "student_at"]

@@ -122,7 +122,8 @@ def test_a_checkpoint_gives_the_student_of_the_exported_model(tmp_path, teacher_
     from conftest import train_run
     from dkd.config import ConfigError, load_config
     from dkd.data import build_data
-    from dkd.fidelity_run import checkpoint_steps, resolve_points, student_at
+    from dkd.engine.checkpoint import checkpoint_steps
+    from dkd.fidelity_run import resolve_points, student_at
 
     train_run(tmp_path, "s", "method.name=kd", f"teacher.checkpoint={teacher_dir}",
               "train.ckpt_every=10", nproc=2)

@@ -62,6 +62,25 @@ def save_checkpoint(run_dir: Path, step: int, engine, head, head_opt, train_stat
     return final
 
 
+def checkpoint_steps(run_dir: Path) -> dict[int, Path]:
+    """{step: directory} of the run's complete checkpoints (those with state.pt)."""
+    root = Path(run_dir) / "checkpoints"
+    found = {}
+    for d in sorted(root.glob("step*")) if root.is_dir() else []:
+        if d.name[4:].isdigit() and (d / "state.pt").is_file():
+            found[int(d.name[4:])] = d
+    return found
+
+
+def backbone_state(path: Path) -> dict:
+    """The backbone's state dict saved in checkpoint ``path`` (DeepSpeed's model file of
+    tag "ds", as :func:`save_checkpoint` writes it), read without an engine."""
+    model_file = Path(path) / "backbone" / "ds" / "mp_rank_00_model_states.pt"
+    if not model_file.is_file():
+        raise ConfigError(f"{model_file} not found: checkpoint {path} has no backbone")
+    return torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+
+
 def latest_checkpoint(run_dir: Path) -> Path:
     root = Path(run_dir) / "checkpoints"
     marker = root / "latest"

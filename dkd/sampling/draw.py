@@ -101,7 +101,10 @@ def _draw_rbar(teacher: TopKTeacher, E: torch.Tensor, m: int, key: int, ws) -> t
 
 def _mix_prior(draws: torch.Tensor, prior, key: int) -> torch.Tensor:
     """Each of the m draws of r̄ replaced, with probability β, by a class of the prior π:
-    draws of (1 − β)·r̄ + β·π. prior = (π (C,), its cumulative sum (C,), β), float64."""
+    draws of (1 − β)·r̄ + β·π. prior = (π (C,), its cumulative sum (C,), β), float64
+    (None: the draws as they are)."""
+    if prior is None:
+        return draws
     _, cum, beta = prior
     u = _u(key, _S_PRIOR, (2, draws.numel()), draws.device)
     c = torch.searchsorted(cum, u[1] * cum[-1]).clamp_(max=cum.numel() - 1)
@@ -128,9 +131,7 @@ def _batch_shared(teacher, y, proposal, m, top_t, correction, key, ws, shard=Non
     nD = D.numel()
     n = nD + m
     if shard is None:
-        draws, valid = _draw_rbar(teacher, E, m, key, ws), None
-        if prior is not None:
-            draws = _mix_prior(draws, prior, key)
+        draws, valid = _mix_prior(_draw_rbar(teacher, E, m, key, ws), prior, key), None
     else:
         draws, valid, log_n_over_R = _draw_shard(teacher, E, m, key, shard, ws)
     classes = torch.cat([D, draws])
@@ -204,9 +205,7 @@ def _hybrid(teacher, y, proposal, m, top_t, correction, key, ws, want_a=True, pr
     B, dev = teacher.batch, y.device
     E = row_entries(teacher, proposal, ws)
     det, det_a = _row_deterministic(teacher, y, top_t, teacher.target_position(y), ws)
-    draws = _draw_rbar(teacher, E, m, key, ws)
-    if prior is not None:
-        draws = _mix_prior(draws, prior, key)
+    draws = _mix_prior(_draw_rbar(teacher, E, m, key, ws), prior, key)
     rep, a_s, rbar = shared_lookup(teacher, draws, E, ws, want_logits=want_a)
     rbar = _mixed_density(rbar, draws, prior)
     first = rep == arange(m, dev, ws)              # repeats: one column with its count
@@ -261,7 +260,7 @@ def _per_sample(teacher, y, proposal, m, top_t, correction, key, ws, want_a=True
                                                     _u(key, _S_TAIL, (m,), dev), shift)
             a = None
             if want_a:
-                a = torch.where(is_tail, teacher.rest_logit().to(teacher.logits.dtype)
+                a = torch.where(is_tail, teacher.rest_logit_as(teacher.logits.dtype)
                                 .unsqueeze(1), teacher.logits.gather(1, col))
             return _per_sample_set(det, det_a, cls, o, a, ws)
         h = (K - y_in.long()).unsqueeze(1)             # top-K non-target ranks per row

@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from dkd.head import native
+
 
 def row_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values (B, k), ids (B, k)) of the k largest entries of each row of ``z`` (B, C),
@@ -53,8 +55,6 @@ def head_topk(f: torch.Tensor, weight: torch.Tensor, k: int, block: int = HEAD_B
     weight (C, d)): the top-k values descending and the row log-sum-exp, streamed over
     column blocks when the native kernels can run (a host, float32), else from the dense
     logits with :func:`row_topk`."""
-    from dkd.head import native
-
     B, C = f.shape[0], weight.shape[0]
     f = f.contiguous()     # a backbone's output may be a strided view (its last position)
     if not (native.available() and native.supports(f, weight) and C > block and k <= C):

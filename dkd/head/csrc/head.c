@@ -520,6 +520,14 @@ int dkd_topk_finish(uint64_t *keys, const int64_t *cnt, int64_t B, int64_t k, fl
  * B = 256, K = 256, m = 200 on a host). ex: (B, K), extra: (B,) ids in [0, C]; i: (B, m) draws,
  * row stride ldi (0: one row shared); out: (B, m). Returns -1 (writing nothing) for an id
  * outside [0, C], -2 without memory. */
+/* Bits that hold every id in [0, C] (the radix sort's passes). */
+static int id_bits(int64_t C)
+{
+    int nbits = 1;
+    while (nbits < 63 && ((uint64_t)C >> nbits)) ++nbits;
+    return nbits;
+}
+
 /* Row's excluded ids [ex[0, K), extra] sorted (buf: 2 (K + 1) scratch). */
 static const uint64_t *excluded_sorted(const int64_t *ex, int64_t extra, int64_t K,
                                        uint64_t *buf, int nbits)
@@ -547,8 +555,7 @@ int dkd_outside(const int64_t *ex, const int64_t *extra, int64_t B, int64_t K, i
     int64_t K1 = K + 1;
     uint64_t *buf = malloc(sizeof(uint64_t) * 2 * (size_t)K1);
     if (!buf) return -2;
-    int nbits = 1;
-    while (nbits < 63 && ((uint64_t)C >> nbits)) ++nbits;
+    int nbits = id_bits(C);
     for (int64_t b = 0; b < B; ++b) {
         const uint64_t *sv = excluded_sorted(ex + b * K, extra[b], K, buf, nbits);
         const int64_t *ib = i + b * ldi;
@@ -575,8 +582,7 @@ int dkd_rank_draw(const int64_t *ids, const int64_t *y, const int64_t *pos_y, in
     if (!ids_ok(ids, B * K, C) || !ids_ok(y, B, C)) return -1;
     uint64_t *buf = malloc(sizeof(uint64_t) * 2 * (size_t)(K + 1));
     if (!buf) return -2;
-    int nbits = 1;
-    while (nbits < 63 && ((uint64_t)C >> nbits)) ++nbits;
+    int nbits = id_bits(C);
     double Z = cum[Kb];
     for (int64_t b = 0; b < B; ++b) {
         int64_t p = pos_y[b], y_in = p < K, h = K - y_in, n_out = (C - K) - !y_in;
