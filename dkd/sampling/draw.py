@@ -268,10 +268,7 @@ def _per_sample(teacher, y, proposal, m, top_t, correction, key, ws, want_a=True
         col = (k.unsqueeze(0) + (k.unsqueeze(0) >= pos_y.unsqueeze(1)).long()).clamp_(max=K - 1)
         tail_mass = Z - torch.cat([cum.new_zeros(1), cum]).index_select(0, h.squeeze(1))
         p_tail = tail_mass / n_out.clamp(min=1)
-        # Logs of the (B,) tail entries and the (m,) drawn bins, then one (B, m) select:
-        # a float64 log over (B, m) costs more than the rest of this branch.
-        log_prob = torch.where(is_tail, torch.log(p_tail).unsqueeze(1),
-                               torch.log(bins.index_select(0, k)).unsqueeze(0))
+        prob = torch.where(is_tail, p_tail.unsqueeze(1), bins.index_select(0, k).unsqueeze(0))
         log_den = torch.log(Z)
         i_tail = (_u(key, _S_TAIL, (m,), dev).unsqueeze(0) * n_out.unsqueeze(1)).long()
     else:
@@ -292,7 +289,6 @@ def _per_sample(teacher, y, proposal, m, top_t, correction, key, ws, want_a=True
         is_tail = jj == K
         col = jj.clamp(max=K - 1)
         prob = P.gather(1, jj) / torch.where(is_tail, n_out.clamp(min=1).unsqueeze(1), 1)
-        log_prob = torch.log(prob)
         log_den = torch.log(total)
         i_tail = (u[1] * n_out.unsqueeze(1)).long()
     cls = teacher.ids.gather(1, col)
@@ -302,7 +298,7 @@ def _per_sample(teacher, y, proposal, m, top_t, correction, key, ws, want_a=True
         cls = torch.where(is_tail, tail_cls, cls)
         if want_a:
             a = torch.where(is_tail, teacher.rest_logit().to(a.dtype).unsqueeze(1), a)
-    o = log_prob.sub_(log_den - (math.log(m) if correction == "expected" else 0.0)).float()
+    o = (torch.log(prob) - log_den + (math.log(m) if correction == "expected" else 0.0)).float()
     return _per_sample_set(det, det_a, cls, o, a, ws)
 
 

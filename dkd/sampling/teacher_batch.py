@@ -147,8 +147,8 @@ class TopKTeacher:
         (B, K) comparison and a max, no nonzero)."""
         hit = self.ids == y.long().unsqueeze(1)
         K = self.k
-        col = torch.arange(K, 0, -1, device=hit.device, dtype=torch.int32)  # first hit wins
-        best = torch.where(hit, col, 0).amax(1).long()     # one op, no bool -> int64 copy
+        col = torch.arange(K, 0, -1, device=hit.device)              # first hit wins
+        best = torch.where(hit, col, 0).amax(1)            # no bool -> int64 copy first
         return torch.where(best > 0, K - best, K)
 
 
