@@ -206,6 +206,15 @@ class MethodConfig(_Section):
     """DIS: scale of the right Laplace at step 0, percent of the rank axis (paper: 5)."""
     dis_b2_end: float = Field(100.0, gt=0)
     """DIS: scale of the right Laplace at the last step (grows linearly)."""
+    dis_refit_every: int = Field(0, ge=0)
+    """Adaptive DIS: every this many optimiser steps, refit (w, b1, b2) to the teacher ranks
+    of a PDBS probe (the top-|p - q| classes of the batch's first rows); 0 = the schedule."""
+    dis_refit_rows: int = Field(32, ge=1)
+    """Adaptive DIS: rows of the batch a probe computes the full softmax for."""
+    dis_refit_k: Optional[int] = Field(None, ge=1)
+    """Adaptive DIS: classes per row a probe selects (default: method.k)."""
+    dis_refit_decay: float = Field(0.5, ge=0.0, lt=1.0)
+    """Adaptive DIS: weight of the previous probes' histogram at each refit (0: last only)."""
 
     @model_validator(mode="after")
     def _check(self):
@@ -219,6 +228,9 @@ class MethodConfig(_Section):
                              f"draws of a sampled method: it needs method.name in "
                              f"{', '.join(SAMPLED_METHODS)} and method.mode batch_shared or "
                              f"hybrid (got {self.name!r}, {self.mode!r})")
+        if self.dis_refit_every and self.name != "dis":
+            raise ValueError(f"method.dis_refit_every refits the DIS proposal: it needs "
+                             f"method.name 'dis' (got {self.name!r})")
         return self
 
 

@@ -62,15 +62,23 @@ def test_resume_reshards_the_head_2_to_1_and_3(tmp_path, teacher_dir):
         assert summary(tmp_path / f"w{world}")["world_size"] == world
 
 
-def test_resume_reshards_the_head_1_to_2_with_the_proposal_state(tmp_path, teacher_dir):
+@pytest.mark.parametrize("refit", [[], ["method.dis_refit_every=3", "dist.check_proposal_sync=true"]],
+                         ids=["schedule", "refit"])
+def test_resume_reshards_the_head_1_to_2_with_the_proposal_state(tmp_path, teacher_dir, refit):
     sets = ["method.name=dis", "method.k=5", "method.mode=per_sample",
-            f"teacher.checkpoint={teacher_dir}", *LAYER, "train.ckpt_every=10"]
+            f"teacher.checkpoint={teacher_dir}", *LAYER, "train.ckpt_every=10", *refit]
     train_run(tmp_path, "base", *sets)
-    want = [m["loss"] for m in read_metrics(tmp_path / "base") if m["kind"] == "train" and m["step"] > 10]
+    base = [m for m in read_metrics(tmp_path / "base") if m["kind"] == "train"]
+    want = [m["loss"] for m in base if m["step"] > 10]
     _rollback(tmp_path / "base", tmp_path / "w2", 10)
     train_run(tmp_path, "w2", *sets, nproc=2, extra=["--resume"])
-    got = [m["loss"] for m in read_metrics(tmp_path / "w2") if m["kind"] == "train" and m["step"] > 10]
-    assert got == pytest.approx(want, rel=1e-4)
+    w2 = [m for m in read_metrics(tmp_path / "w2") if m["kind"] == "train" and m["step"] > 10]
+    assert [m["loss"] for m in w2] == pytest.approx(want, rel=1e-4)
+    if refit:   # refits at steps 3, 6, ...: the fit (in the checkpoint) replaces the schedule
+        fits = [(m["proposal/w"], m["proposal/b2"]) for m in base]
+        assert fits[0][0] == 0.55 and fits[2] != fits[1]     # the first refit: step 3
+        assert fits[3] == fits[2]           # b2 stays at the fit between refits
+        assert [(m["proposal/w"], m["proposal/b2"]) for m in w2] == fits[10:]
     assert summary(tmp_path / "w2")["world_size"] == 2
 
 

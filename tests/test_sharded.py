@@ -102,6 +102,9 @@ METHODS = [
     {"name": "kd_pt_sim", "pt_sim_alpha": 0.3},
     {"name": "uniform", "k": 4, "mode": "batch_shared", "lam": 0.5, "stratified": False},
     {"name": "dis", "k": 4, "mode": "per_sample", "lam": 0.5},
+    # adaptive DIS: the probe's global top-k and the fit agree on every rank
+    {"name": "dis", "k": 4, "mode": "per_sample", "lam": 0.5, "dis_refit_every": 1,
+     "dis_refit_rows": 5, "dis_refit_k": 3},
     {"name": "ftis", "k": 3, "mode": "per_sample"},
     {"name": "dis", "k": 5, "mode": "hybrid", "lam": 0.6, "top_t": 1},
     {"name": "pdbs", "k": 4, "lam": 0.8},
@@ -109,7 +112,8 @@ METHODS = [
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("method", METHODS, ids=lambda m: "-".join([m["name"]] + ([m["mode"]] if "mode" in m else [])))
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: "-".join([m["name"]] + ([m["mode"]] if "mode" in m else [])
+                                                   + (["refit"] if "dis_refit_every" in m else [])))
 def test_sharded_matches_single_process(method, world):
     ref = _step(method, None, 0, 1)
     got = _sharded(method, world)

@@ -133,3 +133,27 @@ def gather_rows_nograd(x: torch.Tensor, group=None, sizes: list[int] | None = No
         return x
     with torch.no_grad():
         return _GatherRows.apply(x.detach(), group, 1.0, sizes)
+
+
+def global_topk(score: torch.Tensor, k: int, start: int, group) -> torch.Tensor:
+    """Top-k columns per row over all shards: (B, C_local) local scores -> (B, k) global ids.
+
+    Each rank proposes its local top-min(k, C_local); the candidates are all-gathered
+    (B, P*k) and every rank selects the same global top-k.
+    Collectives: two all-gathers of (B, k) (values, ids), no gradient.
+    """
+    kk = min(k, score.shape[1])
+    val, idx = score.topk(kk, dim=1)
+    idx = idx + start
+    if group is not None and dist.get_world_size(group) > 1:
+        world = dist.get_world_size(group)
+        pad = k - kk
+        if pad:
+            val = torch.cat([val, val.new_full((val.shape[0], pad), float("-inf"))], 1)
+            idx = torch.cat([idx, idx.new_zeros((idx.shape[0], pad))], 1)
+        vals, idxs = [torch.empty_like(val) for _ in range(world)], [torch.empty_like(idx) for _ in range(world)]
+        dist.all_gather(vals, val.contiguous(), group=group)
+        dist.all_gather(idxs, idx.contiguous(), group=group)
+        val, idx = torch.cat(vals, 1), torch.cat(idxs, 1)
+    top = val.topk(k, dim=1).indices
+    return idx.gather(1, top)

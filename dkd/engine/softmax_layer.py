@@ -19,10 +19,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 
 from dkd.config import MethodConfig, SAMPLED_METHODS
-from dkd.dist.functional import group_rank, group_size
+from dkd.dist.functional import global_topk, group_rank, group_size
 from dkd.engine.sync import check_sample_sync
 from dkd.head.kernels import column_logits
 from dkd.head.shard import shard_bounds
@@ -32,6 +31,7 @@ from dkd.losses.softmax import full_kd_terms, mix, softmax_probs
 from dkd.sampling.draw import draw_sample_set
 from dkd.sampling.laws import arange
 from dkd.sampling.proposals import Proposal, build_proposal, teacher_ranking
+from dkd.sampling.refit import probe_ranks, refit
 from dkd.sampling.rng import draw_key
 from dkd.sampling.sample_set import SampleSet
 from dkd.sampling.teacher_batch import TopKTeacher
@@ -120,6 +120,9 @@ class SoftmaxLayer:
         (C, d_t) or None (KD-sim); step: the (micro-)step, which keys the draws."""
         lam, T = mixing(self.cfg)
         every = self.cfg.full_every
+        if self.refit_due():
+            with self.region("sampling"):
+                self.refit(feats, head, y, teacher, T)
         if self.cfg.name in SAMPLED_METHODS and not (every and step % every == every - 1):
             out = self.sampled(feats, head, y, teacher, step, lam, T)
         elif self.cfg.name == "pdbs":
@@ -133,6 +136,22 @@ class SoftmaxLayer:
             out = mix(terms, lam, T)
             out["n_sampled"] = self.C
         return out
+
+    # -- adaptive DIS ----------------------------------------------------------------
+    def refit_due(self) -> bool:
+        """Whether this optimiser step probes (once, on its first micro-step)."""
+        every, prop = self.cfg.dis_refit_every, self.proposal
+        return bool(every) and (prop.step + 1) % every == 0 and prop.refit_at != prop.step
+
+    def refit(self, feats, head, y, teacher: TopKTeacher, T: float):
+        """Refit the DIS proposal from a PDBS probe of the batch's first rows; returns the
+        fit (w, b1, b2). The probe's logits bypass the head's gradient bookkeeping."""
+        R = min(self.cfg.dis_refit_rows, feats.shape[0])
+        with torch.no_grad():
+            z = feats[:R].detach() @ head.weight.t()                       # (R, C_local)
+            ranks = probe_ranks(z, teacher.dense_rows(R), y[:R],
+                                self.cfg.dis_refit_k or self.cfg.k, T, self.start, self.group)
+        return refit(self.proposal, ranks, self.C, self.cfg.dis_refit_decay)
 
     # -- sampled methods -------------------------------------------------------------
     def draw(self, teacher: TopKTeacher, y: torch.Tensor, step: int):
@@ -204,7 +223,7 @@ class SoftmaxLayer:
             at_y = torch.zeros_like(score, dtype=torch.bool).scatter_(
                 1, (y - self.start).clamp(0, score.shape[1] - 1).unsqueeze(1), own_y)
             score = score.masked_fill(at_y, float("inf"))           # target always kept
-            classes = _global_topk(score, self.cfg.k, self.start, self.group)  # (B, k)
+            classes = global_topk(score, self.cfg.k, self.start, self.group)  # (B, k)
         local, own = local_columns(classes, self.start, self.end)
         zc, ac = z.gather(1, local), a_local.gather(1, local)
         o = torch.zeros_like(zc)
@@ -224,26 +243,3 @@ def local_columns(classes: torch.Tensor, start: int, end: int):
     this shard's own rows only (plus row 0), not against every sampled row."""
     own = (classes >= start) & (classes < end)
     return torch.where(own, classes - start, 0), own
-
-
-def _global_topk(score: torch.Tensor, k: int, start: int, group) -> torch.Tensor:
-    """Top-k columns per row over all shards: (B, C_local) local scores -> (B, k) global ids.
-
-    Each rank proposes its local top-min(k, C_local); the candidates are all-gathered
-    (B, P*k) and every rank selects the same global top-k.
-    """
-    kk = min(k, score.shape[1])
-    val, idx = score.topk(kk, dim=1)
-    idx = idx + start
-    if group is not None and dist.get_world_size(group) > 1:
-        world = dist.get_world_size(group)
-        pad = k - kk
-        if pad:
-            val = torch.cat([val, val.new_full((val.shape[0], pad), -1.0)], 1)
-            idx = torch.cat([idx, idx.new_zeros((idx.shape[0], pad))], 1)
-        vals, idxs = [torch.empty_like(val) for _ in range(world)], [torch.empty_like(idx) for _ in range(world)]
-        dist.all_gather(vals, val.contiguous(), group=group)
-        dist.all_gather(idxs, idx.contiguous(), group=group)
-        val, idx = torch.cat(vals, 1), torch.cat(idxs, 1)
-    top = val.topk(k, dim=1).indices
-    return idx.gather(1, top)

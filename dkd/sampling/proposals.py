@@ -140,9 +140,38 @@ class LaplaceMixtureProposal(Proposal):
         self.w, self.b1 = float(w), float(b1)
         self.b2_start, self.b2_end = float(b2_start), float(b2_end)
         self.total_steps = int(total_steps)
+        # Adaptive DIS (dkd.sampling.refit): after a refit, (w, b1) are the fit's and b2 is
+        # fixed at its value; probe_counts is the decayed rank histogram it was fitted to.
+        self.b2_fit: float | None = None
+        self.probe_counts: torch.Tensor | None = None
+        self.refit_at = -1            # the step of the last refit (-1: none yet)
+        self.refit_bins = 100         # histogram bins: 1 % of the rank axis each
+
+    def set_fit(self, w: float, b1: float, b2: float, counts: torch.Tensor) -> None:
+        """Use the mixture (w, b1, b2) (scales in percent) from now on, in place of the
+        schedule; counts: the (refit_bins,) histogram it was fitted to."""
+        self.w, self.b1, self.b2_fit = float(w), float(b1), float(b2)
+        self.probe_counts = counts.double().cpu()
+        self.refit_at = self.step
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.b2_fit is not None:   # the schedule's state is the step alone
+            state.update(w=self.w, b1=self.b1, b2_fit=self.b2_fit, refit_at=self.refit_at,
+                         probe_counts=self.probe_counts.tolist())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if state.get("b2_fit") is not None:
+            self.set_fit(state["w"], state["b1"], state["b2_fit"],
+                         torch.tensor(state["probe_counts"], dtype=torch.float64))
+            self.refit_at = int(state["refit_at"])
 
     def b2(self, step: int | None = None) -> float:
         """Right scale at ``step`` (default: the current step), percent of the axis."""
+        if self.b2_fit is not None:
+            return self.b2_fit
         step = self.step if step is None else step
         frac = min(max(step / self.total_steps, 0.0), 1.0)
         return self.b2_start + (self.b2_end - self.b2_start) * frac

@@ -136,6 +136,17 @@ class TopKTeacher:
         out = out.expand(-1, self.num_classes).clone()
         return out.scatter_(1, self.ids, self.logits)
 
+    def dense_rows(self, n: int) -> torch.Tensor:
+        """(n, C) teacher logits of the first n rows: the dense logits when known, a live
+        teacher's exact logits (features @ head), else the top-K completion."""
+        if self.full is not None:
+            return self.full[:n]
+        if self.exact:
+            return (self.feats[:n].float() @ self.head.float().t()).to(self.logits.dtype)
+        rows = self.rest_logit_as(self.logits.dtype)[:n].unsqueeze(1)
+        return rows.expand(-1, self.num_classes).clone().scatter_(1, self.ids[:n],
+                                                                  self.logits[:n])
+
     @property
     def exact(self) -> bool:
         """Whether the teacher's own logit at any column can be computed (features and
