@@ -130,7 +130,14 @@ class TeacherConfig(_Section):
     """Let full-softmax methods (kd, kd_pt, kd_topk, pdbs, ...) train from a top-K store,
     using the KD-topk completion (the remaining mass spread evenly) for the other classes."""
     store_topk: int = Field(100, ge=1)
-    """`dkd relabel`: K, the teacher classes kept per sample in a top-K store."""
+    """`dkd relabel`: K, the teacher classes kept per sample in a top-K store (the draws per
+    sample in a sampled store)."""
+    store_kind: Literal["topk", "sampled"] = "topk"
+    """`dkd relabel`: topk = the full logits or the top-K (by store_full_threshold); sampled
+    = K draws per sample from softmax(a / store_temperature), kept as frequencies: an
+    unbiased target in the same K slots (train at method.temperature = store_temperature)."""
+    store_temperature: float = Field(1.0, gt=0)
+    """`dkd relabel`, sampled store: the temperature the teacher is sampled at."""
     store_full_threshold: int = Field(10000, ge=0)
     """`dkd relabel`: store the full logits when C <= this, else the top-K layout."""
     store_dtype: Literal["float16", "float32"] = "float16"
@@ -180,16 +187,20 @@ class MethodConfig(_Section):
     C classes instead (0 = never): it re-anchors the rows the sampler rarely draws."""
     correction: Literal["expected", "paper"] = "expected"
     """Log correction of sampled classes: log(m r) (consistent) or Algorithm 1 as printed."""
-    prior: Literal["none", "unigram", "log_uniform"] = "none"
+    prior: Literal["none", "unigram", "log_uniform", "student"] = "none"
     """Sampled methods, batch_shared / hybrid: draw from (1 - prior_weight) * r_bar +
     prior_weight * pi, a class prior mixed into the teacher-rank proposal: unigram =
     (training-label count + 1)^prior_alpha, log_uniform = the Zipf law
     log((f + 2) / (f + 1)) over each class's frequency rank f (the samplers of sampled-softmax
-    language models). It covers frequent classes that a batch's teacher ranks leave thin."""
+    language models). It covers frequent classes that a batch's teacher ranks leave thin.
+    student = where the student has recently put its mass (a running average of its batch
+    softmax at the step's shared columns, with a uniform floor)."""
     prior_weight: float = Field(0.25, ge=0.0, lt=1.0)
     """Weight of the class prior in the proposal (with method.prior)."""
     prior_alpha: float = Field(0.75, gt=0)
     """Exponent of the unigram prior (1: the label frequencies; smaller: flatter)."""
+    prior_decay: float = Field(0.9, ge=0.0, lt=1.0)
+    """Student prior: weight of a class's previous value when a step observes it again."""
     sim_temperature: float = Field(0.1, gt=0)
     """KD-sim: temperature applied to the cosine similarities of teacher weight rows."""
     sim_power: float = Field(1.0, gt=0)

@@ -50,8 +50,9 @@ def _step(name, mode, C, device, dense=False, lam=0.7, top_t=1, step=3, head_kin
     t, y, feats = _inputs(C, device, dense, exact)
     head = ShardedHead(C, D, None, init_std=0.1, seed=1, device=device)
     opt = head.make_optimizer(head_kind, lr=1e-2)
-    extra = {"prior": "unigram", "prior_weight": 0.3} if prior else {}
-    pi = torch.full((C,), 1.0 / C, dtype=torch.float64).to(device) if prior else None
+    extra = {"prior": prior, "prior_weight": 0.3} if prior else {}
+    pi = (torch.full((C,), 1.0 / C, dtype=torch.float64).to(device) if prior == "unigram"
+          else None)
     layer = SoftmaxLayer(MethodConfig(name=name, k=6, mode=mode, lam=lam, top_t=top_t,
                                       **extra), C, 0, C, None, total_steps=10, prior=pi)
     out = layer(feats, head, y, t, None, step)
@@ -78,14 +79,16 @@ def test_sampled_step_runs_on_fake_devices_without_host_syncs(name, mode, dense,
         assert feats.grad is not None and feats.grad.device.type == "meta"
 
 
+@pytest.mark.parametrize("prior", ["unigram", "student"])
 @pytest.mark.parametrize("mode", ["batch_shared", "hybrid"])
-def test_prior_mixture_step_runs_on_fake_devices_without_host_syncs(mode):
-    """method.prior: the prior's draws and density stay on the device, fixed shapes."""
+def test_prior_mixture_step_runs_on_fake_devices_without_host_syncs(mode, prior):
+    """method.prior: the prior's draws and density (and the student prior's update from
+    the step's columns) stay on the device, fixed shapes."""
     with FakeTensorMode(allow_non_fake_inputs=False):
-        out, _, _ = _step("dis", mode, 200, "cuda", backward=False, prior=True)
+        out, _, _ = _step("dis", mode, 200, "cuda", backward=False, prior=prior)
         assert out["loss"].device.type == "cuda"
     with FakeTensorMode(allow_non_fake_inputs=False):
-        out, head, feats = _step("dis", mode, 200, "meta", prior=True)
+        out, head, feats = _step("dis", mode, 200, "meta", prior=prior)
         assert feats.grad is not None and feats.grad.device.type == "meta"
 
 

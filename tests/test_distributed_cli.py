@@ -26,8 +26,11 @@ def _model(run):
 @pytest.mark.parametrize("method", [["method.name=kd"],
                                     ["method.name=dis", "method.k=3", "method.top_t=0",
                                      "method.mode=per_sample", "train.batch_size=8"],
-                                    ["method.name=dis", "method.k=6", "method.mode=hybrid"]],
-                         ids=["kd", "dis-per_sample", "dis-hybrid"])
+                                    ["method.name=dis", "method.k=6", "method.mode=hybrid"],
+                                    ["method.name=dis", "method.k=6", "method.mode=batch_shared",
+                                     "method.stratified=false", "method.prior=student",
+                                     "method.prior_weight=0.5"]],
+                         ids=["kd", "dis-per_sample", "dis-hybrid", "dis-shared-student-prior"])
 def test_two_ranks_match_one_rank_after_20_steps(tmp_path, teacher_dir, method):
     sets = [*method, f"teacher.checkpoint={teacher_dir}", *LAYER]
     train_run(tmp_path, "one", *sets)
@@ -62,8 +65,9 @@ def test_resume_reshards_the_head_2_to_1_and_3(tmp_path, teacher_dir):
         assert summary(tmp_path / f"w{world}")["world_size"] == world
 
 
-@pytest.mark.parametrize("refit", [[], ["method.dis_refit_every=3", "dist.check_proposal_sync=true"]],
-                         ids=["schedule", "refit"])
+@pytest.mark.parametrize("refit", [[], ["method.dis_refit_every=3", "dist.check_proposal_sync=true"],
+                                   ["method.mode=hybrid", "method.prior=student"]],
+                         ids=["schedule", "refit", "student-prior"])
 def test_resume_reshards_the_head_1_to_2_with_the_proposal_state(tmp_path, teacher_dir, refit):
     sets = ["method.name=dis", "method.k=5", "method.mode=per_sample",
             f"teacher.checkpoint={teacher_dir}", *LAYER, "train.ckpt_every=10", *refit]
@@ -74,7 +78,7 @@ def test_resume_reshards_the_head_1_to_2_with_the_proposal_state(tmp_path, teach
     train_run(tmp_path, "w2", *sets, nproc=2, extra=["--resume"])
     w2 = [m for m in read_metrics(tmp_path / "w2") if m["kind"] == "train" and m["step"] > 10]
     assert [m["loss"] for m in w2] == pytest.approx(want, rel=1e-4)
-    if refit:   # refits at steps 3, 6, ...: the fit (in the checkpoint) replaces the schedule
+    if "method.dis_refit_every=3" in refit:   # refits at steps 3, 6, ...: the fit (in the checkpoint) replaces the schedule
         fits = [(m["proposal/w"], m["proposal/b2"]) for m in base]
         assert fits[0][0] == 0.55 and fits[2] != fits[1]     # the first refit: step 3
         assert fits[3] == fits[2]           # b2 stays at the fit between refits

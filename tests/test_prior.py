@@ -126,3 +126,60 @@ def test_a_run_with_a_unigram_prior(tmp_path, teacher_dir):
               f"teacher.checkpoint={teacher_dir}")
     s = summary(tmp_path / "p")
     assert s["method"] == "dis" and 0 <= s["top1"] <= 100
+
+
+def test_the_student_prior_follows_the_students_mass():
+    from dkd.sampling.prior import StudentPrior
+
+    sp = StudentPrior(10, decay=0.5)
+    classes = torch.tensor([3, 7, 3, 1])
+    valid = torch.tensor([True, True, False, True])      # the repeat of 3 is masked
+    sp.observe(classes, torch.tensor([0.6, 0.2, 0.9, 0.0], dtype=torch.float64), valid)
+    want = torch.full((10,), 0.1, dtype=torch.float64)
+    want[3], want[7], want[1] = 0.35, 0.15, 0.05
+    torch.testing.assert_close(sp.s, want)
+    pi, cum, beta = sp.law(0.3, "cpu")
+    torch.testing.assert_close(pi, 0.9 * want / want.sum() + 0.01)
+    assert beta == 0.3 and cum[-1] == pytest.approx(1.0) and (pi >= 0.01).all()
+    other = StudentPrior(10, decay=0.5)
+    other.load_state_dict(sp.state_dict())
+    assert torch.equal(other.s, sp.s)
+    with pytest.raises(ValueError, match="11 classes"):
+        other.load_state_dict(StudentPrior(11, 0.5).state_dict())
+
+
+@pytest.mark.parametrize("mode", ["batch_shared", "hybrid"])
+def test_a_student_prior_keeps_the_estimator_consistent(mode):
+    """The student prior changes every step (it learns from the step's columns); each
+    step's corrections name the law it drew from, so the mean gradient still converges."""
+    from dkd.config import MethodConfig
+    from dkd.engine.softmax_layer import SoftmaxLayer
+    from dkd.head.head import ShardedHead
+    from dkd.sampling.teacher_batch import TopKTeacher
+
+    B, C, D = 4, 50, 16
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(B, C, generator=g) * 2
+    y = a.argmax(1)
+    feats = torch.randn(B, D, generator=g)
+    head = ShardedHead(C, D, None, init_std=0.5, seed=3)
+    teacher = TopKTeacher.from_dense(a, rank=False)
+
+    def grad(layer, step):
+        x = feats.clone().requires_grad_(True)
+        layer(x, head, y, teacher, None, step)["loss"].backward()
+        return x.grad
+
+    full = grad(SoftmaxLayer(MethodConfig(name="kd", temperature=1.0, lam=1.0), C, 0, C,
+                             None, total_steps=2), 0)
+    cfg = MethodConfig(name="dis", k=4 * C, mode=mode, temperature=1.0, lam=1.0,
+                       prior="student", prior_weight=0.4, prior_decay=0.5)
+    layer = SoftmaxLayer(cfg, C, 0, C, None, total_steps=2)
+    s0 = layer.student_prior.s.clone()
+    mean = sum(grad(layer, s) for s in range(300)) / 300
+    # it learned the student's softmax: s tracks q̄ at the observed classes
+    q = torch.softmax(feats @ head.weight.t(), 1).mean(0).double()
+    assert not torch.equal(layer.student_prior.s, s0)
+    assert torch.corrcoef(torch.stack([layer.student_prior.s, q]))[0, 1] > 0.9
+    cos = float((mean * full).sum() / (mean.norm() * full.norm()))
+    assert cos > 0.995

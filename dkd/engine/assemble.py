@@ -104,7 +104,7 @@ def assemble(cfg: RunConfig, ctx: DistContext, data: DataBundle, teacher,
     head = ShardedHead(data.num_classes, cfg.model.feature_dim, ctx.group,
                        init_std=(3 * cfg.model.feature_dim) ** -0.5, seed=cfg.seed, device=ctx.device)
     prior = None
-    if cfg.method.prior != "none":   # from the training labels: the same on every rank
+    if cfg.method.prior in ("unigram", "log_uniform"):   # from the training labels
         prior = class_prior(cfg.method.prior, label_counts(data.train, data.num_classes),
                             cfg.method.prior_alpha)
     layer = SoftmaxLayer(cfg.method, data.num_classes, head.start, head.end, ctx.group,

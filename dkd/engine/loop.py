@@ -176,6 +176,8 @@ def _resume(p: TrainParts, run_dir: Path, zero_stage: int) -> int:
                                  zero_stage)
     if p.layer.proposal is not None:
         p.layer.proposal.load_state_dict(state["proposal"])
+    if p.layer.student_prior is not None and state.get("student_prior") is not None:
+        p.layer.student_prior.load_state_dict(state["student_prior"])
     if p.ctx.is_rank0:
         truncate_metrics(run_dir / "metrics.jsonl", state["step"])
     return state["step"]
@@ -234,7 +236,9 @@ def _eval_line(metrics: dict, step: int) -> dict:
 
 def _save(p: TrainParts, run_dir: Path, step: int) -> None:
     prop = p.layer.proposal
-    state = {"step": step, "proposal": prop.state_dict() if prop is not None else None}
+    sp = p.layer.student_prior
+    state = {"step": step, "proposal": prop.state_dict() if prop is not None else None,
+             "student_prior": sp.state_dict() if sp is not None else None}
     ckpt.save_checkpoint(run_dir, step, p.engine, p.head, p.head_opt, state, p.ctx)
 
 

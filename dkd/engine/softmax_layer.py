@@ -21,7 +21,7 @@ import contextlib
 import torch
 
 from dkd.config import MethodConfig, SAMPLED_METHODS
-from dkd.dist.functional import global_topk, group_rank, group_size
+from dkd.dist.functional import all_reduce_sum, global_topk, group_rank, group_size, logsumexp
 from dkd.engine.sync import check_sample_sync
 from dkd.head.kernels import column_logits
 from dkd.head.shard import shard_bounds
@@ -30,6 +30,7 @@ from dkd.losses.sampled import sampled_kd_loss
 from dkd.losses.softmax import full_kd_terms, mix, softmax_probs
 from dkd.sampling.draw import draw_sample_set
 from dkd.sampling.laws import arange
+from dkd.sampling.prior import StudentPrior
 from dkd.sampling.proposals import Proposal, build_proposal, teacher_ranking
 from dkd.sampling.refit import probe_ranks, refit
 from dkd.sampling.rng import draw_key
@@ -101,13 +102,16 @@ class SoftmaxLayer:
                            and cfg.name in SAMPLED_METHODS)
         # method.prior: the class prior π (C,) of the shared draws, with its CDF and weight.
         self.prior = None
-        if cfg.prior != "none":
+        self.student_prior = None     # method.prior=student: a law the steps update
+        if cfg.prior != "none" and self.stratified:
+            raise ValueError("method.prior mixes into one global set of draws: on several "
+                             "ranks set method.stratified=false")
+        if cfg.prior == "student":
+            self.student_prior = StudentPrior(num_classes, cfg.prior_decay)
+        elif cfg.prior != "none":
             if prior is None or prior.shape != (num_classes,):
                 raise ValueError(f"method.prior={cfg.prior!r} needs the class prior "
                                  f"({num_classes},), got {None if prior is None else tuple(prior.shape)}")
-            if self.stratified:
-                raise ValueError("method.prior mixes into one global set of draws: on several "
-                                 "ranks set method.stratified=false")
             pi = prior.double()
             self.prior = (pi, pi.cumsum(0), float(cfg.prior_weight))
         # Profiling hook: the engine sets this to its RegionTimer.region (null by default).
@@ -169,7 +173,10 @@ class SoftmaxLayer:
         return s, a
 
     def _prior_on(self, device):
-        """The prior tuple on the step's device (moved once)."""
+        """The prior tuple on the step's device (moved once; the student prior's law is
+        rebuilt every step from its state: O(C) on the device, no host read)."""
+        if self.student_prior is not None:
+            return self.student_prior.law(self.cfg.prior_weight, device)
         if self.prior is not None and self.prior[0].device != device:
             pi, cum, beta = self.prior
             self.prior = (pi.to(device), cum.to(device), beta)
@@ -207,9 +214,36 @@ class SoftmaxLayer:
                 tgt = tgt.unsqueeze(0) if not sharded else tgt & own
         out = sampled_kd_loss(z, a, s.log_correction, T, lam, tgt, mask, self.group,
                               masked_o=shared and not sharded)
+        if self.student_prior is not None:
+            with self.region("sampling"):
+                self._observe_student(s, z, mask, own)
         out["n_sampled"] = s.num_columns
         out["kernel_path"] = head.last_path
         return out
+
+    def _observe_student(self, s: SampleSet, z, mask, own) -> None:
+        """Feed the student prior the batch-mean student softmax q̄ at the shared columns.
+        Collectives on a sharded head: the log-partition's all-reduces (max, sum of (B,))
+        and one all-reduce SUM of q̄ (n_shared,), each rank contributing its own columns."""
+        with torch.no_grad():
+            zd = z.detach().double()
+            x = zd - s.log_correction.double()        # terms of the sampled partition
+            if mask is not None:
+                x = torch.where(mask, x, float("-inf"))
+            lse = logsumexp(x, self.group)                             # (B,)
+            nd = s.shared_from if s.mode == "hybrid" else 0
+            qbar = torch.exp(zd[:, nd:] - lse.unsqueeze(1)).mean(0)    # (n_shared,)
+            if s.mode == "hybrid":
+                classes = s.classes[0, nd:]
+                valid = s.mask[:, nd:].any(0) if s.mask is not None else None
+                own = None if own is None else own[0, nd:]
+            else:
+                classes, valid = s.classes, s.mask
+            if own is not None:
+                qbar = all_reduce_sum(torch.where(own, qbar, 0.0), self.group)
+            if valid is None:
+                valid = torch.ones_like(classes, dtype=torch.bool)
+            self.student_prior.observe(classes, qbar, valid)
 
     # -- PDBS ------------------------------------------------------------------------
     def _pdbs(self, feats, head, y, teacher_logits, lam, T):

@@ -65,4 +65,13 @@ def uniforms(key: int, shape, device, dtype=torch.float64) -> torch.Tensor:
     return torch.add(half, x, alpha=2.0 ** -32).view(shape)
 
 
-__all__ = ["draw_key", "uniforms"]
+def row_uniforms(key: int, rows: torch.Tensor, n: int, dtype=torch.float64) -> torch.Tensor:
+    """(len(rows), n) uniforms in (0, 1): element (b, i) a hash of (key, rows[b], i), so a
+    row's draws do not depend on which batch or process it is computed in."""
+    rk = _mix((rows.long() * _GOLD + (int(key) & _M32)) & _M32)             # per-row key
+    ctr = (torch.arange(n, device=rows.device, dtype=torch.int64) * _GOLD) & _M32
+    x = _mix((ctr.unsqueeze(0) + rk.unsqueeze(1)) & _M32)
+    return (x.to(dtype) + 0.5) * 2.0 ** -32
+
+
+__all__ = ["draw_key", "uniforms", "row_uniforms"]

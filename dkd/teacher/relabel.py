@@ -24,10 +24,13 @@ import torch.distributed as dist
 from dkd.dist.functional import group_rank, group_size
 from dkd.engine.rundir import atomic_write_json
 from dkd.teacher.select import row_topk
+from dkd.sampling.rng import draw_key, row_uniforms
+from dkd.teacher.sparse_target import sampled_target
 from dkd.teacher.store import StoreError
 from dkd.teacher.store_plan import MANIFEST, StorePlan, _diff, choose_layout, file_sha256
 
 _TMP_SUFFIX = ".tmp"
+SAMPLED_STREAM = 0x5A3D   # the draw stream of sampled stores (apart from training draws)
 HEAD_FILE = "teacher_head.npy"
 
 
@@ -73,9 +76,10 @@ def atomic_save_npy(path: Path, arr: np.ndarray) -> str:
 
 
 def encode_logits(logits: torch.Tensor, plan: StorePlan,
-                  feats: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+                  feats: torch.Tensor | None = None, row0: int = 0) -> dict[str, np.ndarray]:
     """Teacher logits (B, C), any device -> the stored rows of each file role (CPU numpy);
-    feats (B, d_t): the teacher features, for a plan that stores them."""
+    feats (B, d_t): the teacher features, for a plan that stores them; row0: the index of
+    the first row (seeds a sampled store's draws, so they do not depend on the world size)."""
     if logits.dim() != 2 or logits.shape[1] != plan.num_classes:
         raise ValueError(f"teacher logits must be (B, {plan.num_classes}), got "
                          f"{tuple(logits.shape)}")
@@ -83,6 +87,13 @@ def encode_logits(logits: torch.Tensor, plan: StorePlan,
     tdtype = getattr(torch, plan.logits_dtype)
     if plan.layout == "full":
         return {"logits": a.to(tdtype).cpu().numpy()}
+    if plan.layout == "sampled":
+        rows = torch.arange(row0, row0 + a.shape[0], device=a.device)
+        u = row_uniforms(draw_key(plan.seed, 0, SAMPLED_STREAM), rows, plan.k)
+        ids, vals, lse, tail = sampled_target(a, plan.k, plan.temperature, u)
+        return {"ids": ids.cpu().numpy().astype(plan.ids_dtype),
+                "logits": vals.to(tdtype).cpu().numpy(), "lse": lse.cpu().numpy(),
+                "tail_lse": tail.cpu().numpy()}
     vals, ids = row_topk(a, plan.k)                                # (B, K) descending
     # The tail's log-sum-exp directly (not exp(lse) - sum(exp(top-K)) later, which cancels
     # catastrophically when the top K hold all but 1e-7 of the mass); -inf when K == C.
@@ -213,16 +224,19 @@ class StoreWriter:
 def write_store(path: str | Path, logits: torch.Tensor, *, dataset_fingerprint,
                 teacher_fingerprint: str, topk: int | None = None, full_threshold: int = 0,
                 dtype: str = "float32", shard_rows: int = 65536,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, kind: str = "topk", temperature: float = 1.0,
+                seed: int = 0) -> Path:
     """Write a store from in-memory teacher logits (N, C) (one process; tests, conversion)."""
-    layout, k = choose_layout(logits.shape[1], topk, full_threshold)
+    layout, k = choose_layout(logits.shape[1], topk, full_threshold, kind)
     plan = StorePlan(logits.shape[0], logits.shape[1], layout, k, dtype, shard_rows,
-                     teacher_fingerprint, dataset_fingerprint)
+                     teacher_fingerprint, dataset_fingerprint, temperature=temperature,
+                     seed=seed)
     writer = StoreWriter(path, plan)
     writer.prepare(overwrite)
     for i in range(plan.num_shards):
         if not writer.shard_done(i):
-            writer.write_shard(i, encode_logits(logits[slice(*plan.shard_range(i))], plan))
+            lo, hi = plan.shard_range(i)
+            writer.write_shard(i, encode_logits(logits[lo:hi], plan, row0=lo))
     writer.finalize()
     return Path(path)
 
@@ -288,7 +302,7 @@ def _write_shards(teacher, split, writer: StoreWriter, shards: range, batch_size
                 f = teacher.features(x.to(device))
                 rows = encode_logits(f @ teacher.head_weight.T, plan, f)
             else:
-                rows = encode_logits(teacher.logits(x.to(device)), plan)
+                rows = encode_logits(teacher.logits(x.to(device)), plan, row0=b0)
             if len(rows["logits"]) != b1 - b0:
                 raise ValueError(f"teacher returned {len(rows['logits'])} rows for a batch of "
                                  f"{b1 - b0} samples")
@@ -303,7 +317,8 @@ def relabel(teacher, split, out_dir: str | Path, *, num_classes: int, topk: int 
             full_threshold: int, batch_size: int, dataset_fingerprint, teacher_fingerprint: str,
             group=None, dtype: str = "float16", shard_rows: int | None = None,
             device: torch.device | None = None, overwrite: bool = False,
-            log: Callable[[str], None] | None = None, features: bool = False) -> Path:
+            log: Callable[[str], None] | None = None, features: bool = False,
+            kind: str = "topk", temperature: float = 1.0, seed: int = 0) -> Path:
     """Run ``teacher.logits(x) -> (B, C)`` over every sample of ``split`` and write the store.
 
     Layout: ``full`` (all C logits) when C <= full_threshold, else ``topk`` with
@@ -315,17 +330,20 @@ def relabel(teacher, split, out_dir: str | Path, *, num_classes: int, topk: int 
     (default: resume a store of the same settings, refuse one of other settings). log: an
     optional callback for one line per shard. features: also store the teacher's features
     and its head (top-K layout; the teacher must have ``features(x)`` and ``head_weight``),
-    so that sampled methods get the exact teacher logit at every column. Returns out_dir.
+    so that sampled methods get the exact teacher logit at every column. kind "sampled":
+    the unbiased sampled layout instead (``dkd.teacher.sparse_target``: K = topk draws at
+    ``temperature``, seeded by ``seed`` and the row; never with features). Returns out_dir.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    layout, k = choose_layout(num_classes, topk, full_threshold)
+    layout, k = choose_layout(num_classes, topk, full_threshold, kind)
     if shard_rows is None:
         width, itemsize = (num_classes, 0) if layout == "full" else (k, 4)
         shard_rows = default_shard_rows(width * (np.dtype(dtype).itemsize + itemsize) + 8)
     d_t = int(teacher.head_weight.shape[1]) if features and layout == "topk" else 0
     plan = StorePlan(len(split), num_classes, layout, k, dtype, shard_rows,
-                     teacher_fingerprint, dataset_fingerprint, features=d_t)
+                     teacher_fingerprint, dataset_fingerprint, features=d_t,
+                     temperature=temperature, seed=seed)
     writer = StoreWriter(out_dir, plan)
     rank, world = group_rank(group), group_size(group)
     device = device if device is not None else _teacher_device(teacher)

@@ -25,4 +25,5 @@ def run_relabel(cfg: RunConfig, overwrite: bool = False, batch_size: int = 1024)
                    batch_size=batch_size, dataset_fingerprint=dataset_fingerprint(cfg.data),
                    teacher_fingerprint=teacher_fingerprint(teacher), group=ctx.group,
                    dtype=t.store_dtype, device=ctx.device, overwrite=overwrite, log=log,
-                   features=t.store_features)
+                   features=t.store_features, kind=t.store_kind,
+                   temperature=t.store_temperature, seed=cfg.seed)

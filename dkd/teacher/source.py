@@ -45,6 +45,11 @@ def _open_store(cfg: RunConfig, num_samples: int, num_classes: int) -> SoftLabel
     if cfg.method.name not in SAMPLED_METHODS:
         require_full(store, cfg.method.name, cfg.teacher.allow_topk_completion,
                      how_to_allow="--set teacher.allow_topk_completion=true")
+    if store.layout == "sampled" and cfg.method.temperature != store.temperature:
+        raise ConfigError(f"the soft-label store {store.path} is sampled at temperature "
+                          f"{store.temperature}: its target is unbiased only at that "
+                          f"temperature; set method.temperature={store.temperature} (got "
+                          f"{cfg.method.temperature})")
     return store
 
 

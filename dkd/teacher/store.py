@@ -145,6 +145,7 @@ class SoftLabelStore:
         self.manifest = m = self._load_manifest()
         self.num_samples, self.num_classes = m["num_samples"], m["num_classes"]
         self.layout, self.k = m["layout"], m["k"]
+        self.temperature = m.get("temperature")   # sampled layout: its draws' tau
         self._check(expect_num_samples, expect_num_classes, expect_dataset, expect_teacher)
         self._shards = m["shards"]
         self._check_shard_ranges()
@@ -186,7 +187,7 @@ class SoftLabelStore:
             raise self._fail(f"manifest version {m.get('version')!r} is unknown (this dkd "
                              f"reads version {VERSION}); relabel with this dkd")
         missing = sorted(set(_REQUIRED) - set(m))
-        if missing or m["layout"] not in ("full", "topk"):
+        if missing or m["layout"] not in ("full", "topk", "sampled"):
             raise self._fail(f"{MANIFEST} is malformed (missing {missing}, layout "
                              f"{m.get('layout')!r}); relabel with overwrite")
         return m
@@ -218,7 +219,7 @@ class SoftLabelStore:
             raise self._fail(f"manifest shards cover {pos} of N = {self.num_samples} samples")
 
     def _open_shard(self, s: dict) -> dict[str, np.ndarray]:
-        roles = {"full": ("logits",), "topk": ("ids", "logits", "lse", "tail_lse")}[self.layout]
+        roles = ("logits",) if self.layout == "full" else ("ids", "logits", "lse", "tail_lse")
         roles += ("feats",) if self.manifest.get("features") else ()
         arrays = {}
         for role in roles:
@@ -316,8 +317,8 @@ def require_full(store: SoftLabelStore, method_name: str, allow_completion: bool
                  how_to_allow: str = "allow_topk_completion=True") -> None:
     """Refuse a top-K store (K < C) for a method that needs all C teacher logits, unless the
     KD-topk completion was explicitly allowed."""
-    if store.exact or allow_completion:
-        return
+    if store.exact or allow_completion or store.layout == "sampled":
+        return   # a sampled store's sparse target is complete: undrawn classes hold ~0
     raise StoreError(
         f"method {method_name!r} needs all {store.num_classes} teacher logits per sample, but "
         f"the soft-label store {store.path} holds only the top-{store.k} (layout topk, chosen "

@@ -15,6 +15,8 @@ VERSION = 1
 MANIFEST = "manifest.json"
 LOGITS_NOTE = ("raw teacher logits, temperature-free (T = 1); apply the temperature at "
                "training time")
+SAMPLED_NOTE = ("tau * log(n / K) of the classes drawn n of K times from softmax(a / tau); "
+                "undrawn classes share 1e-9 of the mass: train at T = tau")
 
 
 
@@ -46,17 +48,22 @@ class StorePlan:
     teacher_fingerprint: str
     dataset_fingerprint: object            # caller's str / dict (JSON-serialisable)
     features: int = 0                      # d_t of the stored teacher features (0: none)
+    temperature: float = 1.0               # sampled layout: the draws' temperature tau
+    seed: int = 0                          # sampled layout: the draws' seed
     ids_dtype: str = field(init=False)
 
     def __post_init__(self):
-        if self.layout not in ("full", "topk"):
-            raise ValueError(f"layout must be 'full' or 'topk', got {self.layout!r}")
+        if self.layout not in ("full", "topk", "sampled"):
+            raise ValueError(f"layout must be 'full', 'topk' or 'sampled', got {self.layout!r}")
         if self.logits_dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be 'float16' or 'float32', got {self.logits_dtype!r}")
         if self.num_samples < 1 or self.num_classes < 1 or self.shard_rows < 1:
             raise ValueError("num_samples, num_classes and shard_rows must be >= 1")
-        if self.layout == "topk" and not (self.k and 1 <= self.k <= self.num_classes):
-            raise ValueError(f"topk layout needs 1 <= K <= C = {self.num_classes}, got {self.k}")
+        if self.layout != "full" and not (self.k and 1 <= self.k <= self.num_classes):
+            raise ValueError(f"{self.layout} layout needs 1 <= K <= C = {self.num_classes}, "
+                             f"got {self.k}")
+        if self.layout == "sampled" and not self.temperature > 0:
+            raise ValueError(f"sampled layout needs a temperature > 0, got {self.temperature}")
         if self.features and self.layout != "topk":
             raise ValueError("teacher features are stored with the topk layout only (a full "
                              "store already holds every logit)")
@@ -84,10 +91,14 @@ class StorePlan:
     def header(self) -> dict:
         """The manifest without its shard list."""
         extra = {"features": self.features} if self.features else {}
+        note = LOGITS_NOTE
+        if self.layout == "sampled":
+            extra.update(temperature=self.temperature, seed=self.seed)
+            note = SAMPLED_NOTE
         return {**extra, "format": FORMAT, "version": VERSION, "num_samples": self.num_samples,
                 "num_classes": self.num_classes, "layout": self.layout, "k": self.k,
                 "dtypes": {r: d for r, (d, _) in self.roles().items()},
-                "logits_note": LOGITS_NOTE, "shard_rows": self.shard_rows,
+                "logits_note": note, "shard_rows": self.shard_rows,
                 "teacher_fingerprint": self.teacher_fingerprint,
                 "dataset_fingerprint": self.dataset_fingerprint}
 
@@ -96,9 +107,14 @@ class StorePlan:
         return hashlib.sha256(canonical(self.header()).encode()).hexdigest()
 
 
-def choose_layout(num_classes: int, topk: int | None,
-                  full_threshold: int) -> tuple[str, int | None]:
-    """``full`` when C <= full_threshold, else ``topk`` with K = min(topk, C)."""
+def choose_layout(num_classes: int, topk: int | None, full_threshold: int,
+                  kind: str = "topk") -> tuple[str, int | None]:
+    """kind "topk": ``full`` when C <= full_threshold, else ``topk`` with K = min(topk, C);
+    kind "sampled": ``sampled`` with K = min(topk, C) draws, whatever C."""
+    if kind == "sampled":
+        if topk is None or topk < 1:
+            raise ValueError(f"a sampled store needs topk >= 1 draws per sample, got {topk}")
+        return "sampled", min(topk, num_classes)
     if num_classes <= full_threshold:
         return "full", None
     if topk is None or topk < 1:
