@@ -57,6 +57,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from dkd.atomic import atomic_write_text
 from dkd.bench_cases import HeadBench, bound_of, full_step_bytes
 from dkd.profiling.ops import OpCounter
 from dkd.head import native
@@ -460,12 +461,8 @@ def write_bench(records: list[dict], out_json: str) -> str:
     md_path = os.path.splitext(str(out_json))[0] + ".md"
     for path, text in ((str(out_json), json.dumps(records, indent=1)),
                        (md_path, bench_markdown(records))):
-        d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".bench.")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_write_text(path, text)
     return md_path
 
 

@@ -1,7 +1,8 @@
 """The `dkd` command: train | eval | fidelity | bench | report.
 
 Heavy imports (torch, deepspeed) happen inside the commands, so `dkd --help` is instant.
-Configuration problems exit with status 2 and one message naming the key or file.
+Configuration problems exit with status 2 and one message naming the key or file; a run
+stopped on a non-finite loss or gradient exits with status 3.
 """
 from __future__ import annotations
 
@@ -36,17 +37,28 @@ def _fail(msg: str) -> None:
 def train(config: Optional[Path] = typer.Option(None, "--config", "-c",
                                                 help="YAML run config (default: the embedded synthetic run)."),
           set_: List[str] = typer.Option([], "--set", "-s", help="Override: section.key=value (repeatable)."),
-          resume: bool = typer.Option(False, "--resume", help="Continue the run from its last checkpoint."),
+          resume: bool = typer.Option(False, "--resume", help="Continue the run from its newest verified checkpoint (no --config: with the run's own config.yaml; --set may change only cadence, length, W&B and profiling keys)."),
           overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory.")):
     """Train a model (a teacher with method=hard, or a student distilled from teacher.checkpoint)."""
     from dkd.config import ConfigError, load_config
+    from dkd.engine.guard import exit_with_launcher
 
+    exit_with_launcher()
     try:
         cfg = load_config(config, set_)  # no file: the embedded default (configs/synthetic.yaml)
+        saved = Path(cfg.out_dir) / (cfg.name or "") / "config.yaml"
+        if resume and config is None and cfg.name and saved.is_file():
+            cfg = load_config(saved, set_)   # --resume continues the run's own config
         from dkd.engine.distributed import shutdown
+        from dkd.engine.health import RunStopped
         from dkd.engine.loop import train as run_train
 
-        run_dir = run_train(cfg, resume=resume, overwrite=overwrite)
+        try:
+            run_dir = run_train(cfg, resume=resume, overwrite=overwrite)
+        except RunStopped as err:
+            typer.echo(f"dkd: stopped: {err}", err=True)
+            sys.stderr.flush()
+            os._exit(3)   # as _hard_exit: no teardown of the comm threads
         shutdown()
     except ConfigError as err:
         _fail(str(err))
@@ -62,7 +74,9 @@ def relabel(config: Optional[Path] = typer.Option(None, "--config", "-c", help="
             batch_size: int = typer.Option(1024, help="Teacher batch size.")):
     """Run teacher.checkpoint over the training set once; write the soft-label store to teacher.store."""
     from dkd.config import ConfigError, load_config
+    from dkd.engine.guard import exit_with_launcher
 
+    exit_with_launcher()
     try:
         from dkd.engine.distributed import shutdown
         from dkd.teacher.run_relabel import run_relabel

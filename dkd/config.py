@@ -288,6 +288,12 @@ class TrainConfig(_Section):
     """Steps between held-out evaluations (0 = only at the end)."""
     ckpt_every: int = Field(0, ge=0)
     """Steps between checkpoints (0 = only at the end)."""
+    on_nonfinite: Literal["stop", "skip_step"] = "stop"
+    """A non-finite loss or gradient: `stop` ends the run (exit 3) naming the step and the
+    quantity, keeps the last good checkpoint and exports nothing; `skip_step` drops that
+    optimizer step (backbone and head) and goes on, and stops after 10 skipped steps in a
+    row. `skip_step` needs dist.zero_stage 0 and fp32 (it drops the gradients before the
+    engine's optimizer sees them)."""
 
 
 class DistConfig(_Section):
@@ -358,6 +364,11 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.train.on_nonfinite == "skip_step" and (self.dist.zero_stage > 0
+                                                       or self.dist.precision != "fp32"):
+            raise ValueError("train.on_nonfinite = skip_step needs dist.zero_stage = 0 and "
+                             "dist.precision = fp32 (ZeRO and bf16 keep the gradients in "
+                             "their own buffers); use stop")
         k = self.method.k
         if k is not None and self.data.kind == "synthetic" and k >= self.data.num_classes:
             raise ValueError(f"method.k = {k} must be < data.num_classes = {self.data.num_classes}")
@@ -379,7 +390,28 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected section.key=value")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML "
+                          f"({_yaml_problem(err)})") from None
+    return key.strip().split("."), value
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line from a YAML parser error: what went wrong, at line L, column C (1-based)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    what = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{what}{where}"
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document of ``path``; a syntax error is a ConfigError with line and column."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(err)}") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -408,7 +440,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return validate(apply_overrides(raw, list(overrides)))

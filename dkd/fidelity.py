@@ -20,6 +20,7 @@ import os
 
 import torch
 
+from dkd.atomic import atomic_write_text
 from dkd.losses.pdbs import pdbs_loss
 from dkd.losses.sampled import sampled_kd_reference
 from dkd.losses.softmax import full_kd_terms, mix
@@ -258,8 +259,5 @@ def write_fidelity(records: list[dict], out_json: str) -> str:
     md_path = os.path.splitext(out_json)[0] + ".md"
     for path, text in ((out_json, json.dumps(records, indent=1)),
                        (md_path, fidelity_markdown(records))):
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     return md_path

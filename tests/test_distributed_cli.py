@@ -163,4 +163,4 @@ def test_resume_with_a_different_class_count_is_refused(tmp_path):
     train_run(tmp_path, "c", "method.name=hard", "train.steps=4", "train.ckpt_every=2")
     proc = train_run(tmp_path, "c", "method.name=hard", "train.steps=4",
                      "data.num_classes=30", extra=["--resume"], check=False)
-    assert proc.returncode != 0 and "head has 20 classes, this run has 30" in proc.stderr
+    assert proc.returncode == 2 and "data.num_classes: 20 -> 30" in proc.stderr

@@ -30,9 +30,14 @@ def test_jsonl_rejects_non_numbers_naming_the_key(tmp_path):
 
 
 def test_read_jsonl_names_file_and_line(tmp_path):
-    (tmp_path / "m.jsonl").write_text('{"step": 0}\nnot json\n')
+    (tmp_path / "m.jsonl").write_text('{"step": 0}\nnot json\n{"step": 1}\n')
     with pytest.raises(ValueError, match=r"m.jsonl:2"):
         read_jsonl(tmp_path / "m.jsonl")
+
+
+def test_read_jsonl_drops_a_torn_last_line(tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"step": 0}\n{"step": 1, "loss": nu')  # killed mid-write
+    assert read_jsonl(tmp_path / "m.jsonl") == [{"step": 0}]
 
 
 def test_wandb_offline_round_trip(tmp_path):

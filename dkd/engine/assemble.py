@@ -12,7 +12,7 @@ import torch
 from dkd.config import ConfigError, RunConfig
 from dkd.data import DataBundle, build_data
 from dkd.engine.distributed import DistContext
-from dkd.engine.rundir import atomic_write_json
+from dkd.atomic import atomic_write_json
 from dkd.engine.schedule import build_optimizer, head_lr
 from dkd.engine.softmax_layer import SoftmaxLayer
 from dkd.head.head import ShardedHead

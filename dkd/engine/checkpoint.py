@@ -5,13 +5,18 @@ Layout of `checkpoints/step0000100/`:
   head-<start>-<end>.pt  one file per rank: weight rows and optimizer moments of classes
                        [start, end), so a run can resume on another world size
   state.pt             step, proposal state, RNG states, world size (rank 0)
+  manifest.json        sha256 and size of every file above, written last
 
 A checkpoint is written into `.tmp-stepN/` and renamed to `stepN/` only when every rank
 has finished, then `latest` is replaced atomically: a crash mid-write leaves the previous
-checkpoint intact and never a half-written one that resume would pick up.
+checkpoint intact and never a half-written one that resume would pick up. Resume checks
+the manifest (the ranks hash the files between them), so flipped bytes anywhere in a
+checkpoint refuse it by file name, and the newest checkpoint that verifies is used.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import shutil
 from pathlib import Path
@@ -21,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from dkd.config import ConfigError
-from dkd.engine.rundir import atomic_torch_save, atomic_write_text
+from dkd.atomic import atomic_torch_save, atomic_write_json, atomic_write_text
 
 
 def _barrier(ctx) -> None:
@@ -54,12 +59,87 @@ def save_checkpoint(run_dir: Path, step: int, engine, head, head_opt, train_stat
         atomic_torch_save({**train_state, "rng": rng_state(), "world_size": ctx.world},
                           tmp / "state.pt")
     _barrier(ctx)
+    files = _hash_files(tmp, _files_of(tmp) if ctx.is_rank0 else None, ctx)
     if ctx.is_rank0:
+        atomic_write_json(tmp / MANIFEST, {"step": step, "files": files})
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         atomic_write_text(root / "latest", final.name + "\n")
     _barrier(ctx)
     return final
+
+
+MANIFEST = "manifest.json"
+
+
+def _files_of(root: Path) -> list[str]:
+    return sorted(str(f.relative_to(root)) for f in root.rglob("*")
+                  if f.is_file() and f.name != MANIFEST)
+
+
+def _sha256(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return {"sha256": h.hexdigest(), "bytes": path.stat().st_size}
+
+
+def _hash_files(root: Path, names: list[str] | None, ctx) -> dict[str, dict | None]:
+    """{name: {sha256, bytes} or None if missing} of rank 0's ``names`` under ``root``;
+    every rank hashes a stripe of the list (collectives: one broadcast, one all-gather)."""
+    box = [names]
+    if ctx.world > 1:
+        dist.broadcast_object_list(box, src=0)
+    mine = {n: _sha256(root / n) for n in box[0][ctx.rank::ctx.world]}
+    parts = [mine]
+    if ctx.world > 1:
+        parts = [None] * ctx.world
+        dist.all_gather_object(parts, mine)
+    return {n: h for part in parts for n, h in part.items()}
+
+
+def verify_checkpoint(path: Path, ctx) -> str | None:
+    """None if every file of checkpoint ``path`` matches its manifest, else what is wrong
+    (the first damaged or missing file, by name). Every rank must call it."""
+    manifest = path / MANIFEST
+    want, problem = None, None
+    if ctx.is_rank0:
+        try:
+            want = json.loads(manifest.read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            problem = f"no readable {MANIFEST} (written by an older dkd, or damaged)"
+    got = _hash_files(path, sorted(want) if want else [], ctx)
+    if ctx.is_rank0 and problem is None:
+        for name in sorted(want):
+            if got[name] is None:
+                problem = f"{name} is missing"
+            elif got[name] != want[name]:
+                problem = f"{name} does not match its sha256 in {MANIFEST} (damaged)"
+            if problem:
+                break
+    box = [problem]
+    if ctx.world > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def newest_verified(run_dir: Path, ctx) -> tuple[Path, list[str]]:
+    """The newest checkpoint that verifies, and a line per newer one that did not."""
+    steps = checkpoint_steps(run_dir) if ctx.is_rank0 else None
+    box = [steps]
+    if ctx.world > 1:
+        dist.broadcast_object_list(box, src=0)
+    skipped = []
+    for step, path in sorted(box[0].items(), reverse=True):
+        problem = verify_checkpoint(path, ctx)
+        if problem is None:
+            return path, skipped
+        skipped.append(f"{path.name}: {problem}")
+    raise ConfigError(f"--resume: no checkpoint in {Path(run_dir) / 'checkpoints'} verifies: "
+                      + ("; ".join(skipped) or "there is none"))
 
 
 def checkpoint_steps(run_dir: Path) -> dict[int, Path]:
@@ -79,17 +159,6 @@ def backbone_state(path: Path) -> dict:
     if not model_file.is_file():
         raise ConfigError(f"{model_file} not found: checkpoint {path} has no backbone")
     return torch.load(model_file, map_location="cpu", weights_only=False)["module"]
-
-
-def latest_checkpoint(run_dir: Path) -> Path:
-    root = Path(run_dir) / "checkpoints"
-    marker = root / "latest"
-    if not marker.is_file():
-        raise ConfigError(f"--resume: no checkpoint in {root} (no 'latest' marker)")
-    path = root / marker.read_text().strip()
-    if not (path / "state.pt").is_file():
-        raise ConfigError(f"--resume: checkpoint {path} is incomplete (no state.pt)")
-    return path
 
 
 def load_head_pieces(path: Path, head, head_opt, num_classes: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +23,11 @@ from dkd.engine import checkpoint as ckpt
 from dkd.engine.assemble import TrainParts, assemble, check_inputs
 from dkd.engine.distributed import DistContext, init_distributed
 from dkd.engine.evaluate import evaluate
-from dkd.engine.rundir import atomic_write_json, atomic_write_text, default_name, prepare_run_dir
+from dkd.engine.health import (QUANTITIES, RunStopped, average_bn_stats, check_finite_state,
+                               drop_backbone_grads, nonfinite_flags)
+from dkd.engine.resume import continue_run_dir, find_resume_point, is_finished, open_run_dir
+from dkd.atomic import atomic_write_json
+from dkd.engine.rundir import discard_fresh_run_dir
 from dkd.engine.schedule import head_lr, lr_at, set_lr
 from dkd.engine.stats import RunStats
 from dkd.engine.sync import check_proposal_sync
@@ -34,30 +39,6 @@ from dkd.profiling.trace import maybe_profile
 from dkd.teacher.live import export_model
 
 
-def _agree_run_dir(cfg: RunConfig, ctx: DistContext, resume: bool, overwrite: bool) -> Path:
-    """Rank 0 creates the run directory (or reports why it cannot); all ranks agree on it."""
-    msg = [None, None]
-    if ctx.is_rank0:
-        try:
-            msg[0] = str(prepare_run_dir(cfg, cfg.name or default_name(), overwrite, resume))
-        except ConfigError as err:
-            msg[1] = str(err)
-    if ctx.world > 1:
-        dist.broadcast_object_list(msg, src=0)
-    if msg[1] is not None:
-        raise ConfigError(msg[1])
-    return Path(msg[0])
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric lines past the checkpoint: they are about to be redone."""
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text().splitlines(keepends=True)
-            if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    atomic_write_text(path, "".join(keep))
-
-
 def maybe_inject_fault(step: int, rank: int) -> None:
     """Test aid: DKD_FAULT_INJECT="RANK:STEP" kills that rank abruptly at that step, to
     check that the others fail within dist.timeout_s instead of hanging."""
@@ -66,13 +47,24 @@ def maybe_inject_fault(step: int, rank: int) -> None:
         os._exit(13)
 
 
-def micro_step(p: TrainParts, cfg: RunConfig, micro: int, timer: RegionTimer) -> dict:
-    """Forward and backward of one micro-batch (global micro-batch index ``micro``)."""
+def maybe_inject_nan(x: torch.Tensor, step: int) -> torch.Tensor:
+    """Test aid: DKD_NAN_INJECT="STEP" makes the float inputs of that (0-based) step NaN,
+    to check train.on_nonfinite."""
+    spec = os.environ.get("DKD_NAN_INJECT")
+    if spec and int(spec) == step and x.is_floating_point():
+        return torch.full_like(x, float("nan"))
+    return x
+
+
+def micro_step(p: TrainParts, cfg: RunConfig, micro: int, timer: RegionTimer,
+               skip: bool = False) -> dict:
+    """Forward and backward of one micro-batch (global micro-batch index ``micro``);
+    ``skip``: an earlier micro-batch of this step was non-finite (skip_step)."""
     ctx, group, gas = p.ctx, p.ctx.group, cfg.dist.grad_accum
     ids = global_batch_indices(micro, len(p.data.train), cfg.train.batch_size, cfg.seed)
     local_ids = ids[local_slice(len(ids), ctx.world, ctx.rank)]
     x, y = p.data.train.get(local_ids)
-    x, y = x.to(ctx.device), y.to(ctx.device)
+    x, y = maybe_inject_nan(x.to(ctx.device), micro // gas), y.to(ctx.device)
     K = p.layer.teacher_topk  # sampled methods at large C need only the teacher's top-K
     with timer.region("teacher"):
         if p.teacher is None:
@@ -112,23 +104,49 @@ def micro_step(p: TrainParts, cfg: RunConfig, micro: int, timer: RegionTimer) ->
             (out["loss"] / gas).backward()
     with timer.region("backbone_bwd"):
         p.engine.backward((feats * feats_d.grad.to(feats.dtype)).sum())
+    # Before the engine's step: a non-finite loss or gradient stops the run, or (skip_step)
+    # drops the whole optimizer step once its last micro-batch is in.
+    bad = nonfinite_flags(out["loss"], feats_d.grad, p.engine.module, group)
+    out = {**out, "nonfinite": [q for q, f in zip(QUANTITIES, bad) if f]}
+    if out["nonfinite"] and cfg.train.on_nonfinite == "stop":
+        raise Diverged(out["nonfinite"])
     with timer.region("optimizer"):
+        if (skip or out["nonfinite"]) and p.engine.is_gradient_accumulation_boundary():
+            drop_backbone_grads(p.engine.module)
         p.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
     return out
 
 
+class Diverged(Exception):
+    def __init__(self, quantities: list[str]) -> None:
+        super().__init__(", ".join(quantities))
+        self.quantities = quantities
+
+
 def train_step(p: TrainParts, cfg: RunConfig, step: int, timer: RegionTimer) -> dict:
     """One optimizer step = grad_accum micro-batches, then the sparse head update."""
-    gas = cfg.dist.grad_accum
-    outs = [micro_step(p, cfg, step * gas + i, timer) for i in range(gas)]
+    gas, outs = cfg.dist.grad_accum, []
+    # skip_step: the forward of a dropped step also moved the batch-norm running statistics
+    buffers = list(p.engine.module.buffers()) if cfg.train.on_nonfinite == "skip_step" else []
+    saved = [b.clone() for b in buffers]
+    for i in range(gas):   # the last micro-batch's flags decide for the step (skip_step)
+        skip = any(o["nonfinite"] for o in outs)
+        outs.append(micro_step(p, cfg, step * gas + i, timer, skip=skip))
+    skipped = any(o["nonfinite"] for o in outs)
     with timer.region("softmax_layer"), timer.region("optimizer"):
-        p.head.apply_grads(p.head_opt, lr=head_lr(p.lr, cfg.optim), clock=step + 1)
+        if skipped:
+            p.head.discard_grads()
+            for b, v in zip(buffers, saved):
+                b.copy_(v)
+        else:
+            p.head.apply_grads(p.head_opt, lr=head_lr(p.lr, cfg.optim), clock=step + 1)
     if p.layer.proposal is not None:
         p.layer.proposal.advance()
-    if gas == 1:
-        return outs[0]
-    return {k: (sum(o[k] for o in outs) / gas if k in ("loss", "kd", "ce") else outs[-1][k])
-            for k in outs[-1]}
+    merged = outs[0] if gas == 1 else \
+        {k: (sum(o[k] for o in outs) / gas if k in ("loss", "kd", "ce") else outs[-1][k])
+         for k in outs[-1]}
+    return {**merged, "skipped": skipped,
+            "nonfinite": sorted({q for o in outs for q in o["nonfinite"]})}
 
 
 def _metrics(out: dict, step: int, lr: float, times: dict, iter_ms: float, p: TrainParts) -> dict:
@@ -138,6 +156,8 @@ def _metrics(out: dict, step: int, lr: float, times: dict, iter_ms: float, p: Tr
     for name in ("softmax", "softmax_fwd", "softmax_bwd", "sampling", "comm", "teacher",
                  "backbone_fwd", "backbone_bwd", "optimizer"):
         m[f"{name}_ms"] = times.get(f"{name}_ms", 0.0)
+    if out["skipped"]:   # train.on_nonfinite = skip_step dropped this step's update
+        m.update(skipped=1, nonfinite=",".join(out["nonfinite"]))
     if out.get("kernel_path"):
         m["kernel_path"] = out["kernel_path"]  # which sampled-logit kernel ran (auto picks)
     if p.head_opt.last_impl:
@@ -150,44 +170,80 @@ def _metrics(out: dict, step: int, lr: float, times: dict, iter_ms: float, p: Tr
     return m
 
 
+class WallClock:
+    """Training wall time over every segment of a run (resumes add to the checkpoint's)."""
+
+    def __init__(self, before: float = 0.0) -> None:
+        self.before, self.t0 = before, time.perf_counter()
+
+    def total(self) -> float:
+        return self.before + time.perf_counter() - self.t0
+
+
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Run (or resume) one training job; every rank calls this. Returns the run dir."""
     ctx = init_distributed(cfg.dist.device, cfg.dist.timeout_s)
-    data, teacher = check_inputs(cfg, ctx)
-    run_dir = _agree_run_dir(cfg, ctx, resume, overwrite)
-    p = assemble(cfg, ctx, data, teacher, run_dir)
-    start_step = _resume(p, run_dir, cfg.dist.zero_stage) if resume else 0
-    sinks = make_sinks(run_dir, cfg.model_dump(mode="json"), cfg.wandb, ctx.is_rank0)
-    t_start = time.perf_counter()
-    last_saved = _run_steps(p, cfg, run_dir, sinks, start_step, resume)
-    metrics = _eval(p, cfg)
-    sinks.log(_eval_line(metrics, cfg.train.steps), step=cfg.train.steps)
-    if last_saved != cfg.train.steps:
-        _save(p, run_dir, cfg.train.steps)
-    _finish(p, cfg, run_dir, metrics, time.perf_counter() - t_start)
-    sinks.finish()
-    return run_dir
+    if not resume:   # a fresh run refuses bad input before its directory exists
+        data, teacher = check_inputs(cfg, ctx)
+    opened = open_run_dir(cfg, ctx, resume, overwrite)   # a resume compares configs first
+    run_dir = opened.run_dir
+    try:
+        if resume:
+            data, teacher = check_inputs(cfg, ctx)
+        point = find_resume_point(run_dir, ctx) if resume else None
+        if point is not None and is_finished(run_dir, point, cfg):
+            if ctx.is_rank0:
+                print(f"dkd: {run_dir} is finished (step {cfg.train.steps} of "
+                      f"{cfg.train.steps}); nothing to do (raise train.steps to go on)",
+                      file=sys.stderr, flush=True)
+            return run_dir
+        p = assemble(cfg, ctx, data, teacher, run_dir)
+        if point is not None:
+            _resume(p, point, cfg.dist.zero_stage)
+            if ctx.is_rank0:
+                continue_run_dir(run_dir, point, cfg, opened.changes)
+        _train_from(p, cfg, run_dir, point)
+        return run_dir
+    except ConfigError:
+        if ctx.is_rank0 and not resume and discard_fresh_run_dir(run_dir):
+            opened.lock = None        # its directory (lock file included) is gone
+        raise
+    finally:
+        if opened.lock is not None:
+            opened.lock.release()
 
 
-def _resume(p: TrainParts, run_dir: Path, zero_stage: int) -> int:
-    """Load the latest checkpoint (any world size); returns the step to continue from."""
-    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir), p.engine, p.head,
-                                 p.head_opt, p.data.num_classes, p.ctx.world,
-                                 zero_stage)
+def _train_from(p: TrainParts, cfg: RunConfig, run_dir: Path, point) -> None:
+    start = point.state["step"] if point else 0
+    clock = WallClock(point.state.get("wall_s", 0.0) if point else 0.0)
+    sinks = make_sinks(run_dir, cfg.model_dump(mode="json"), cfg.wandb, p.ctx.is_rank0,
+                       skip_until=point.logged_until if point else 0)
+    try:
+        last_saved = _run_steps(p, cfg, run_dir, sinks, start, clock)
+        metrics = _eval(p, cfg)
+        sinks.log(_eval_line(metrics, cfg.train.steps), step=cfg.train.steps)
+        if last_saved != cfg.train.steps:
+            _save(p, run_dir, cfg.train.steps, clock)
+        _finish(p, cfg, run_dir, metrics, clock.total())
+    finally:
+        sinks.finish()   # a crash must not leave the W&B run open
+
+
+def _resume(p: TrainParts, point, zero_stage: int) -> None:
+    """Load the checkpoint (any world size) and the proposal's and prior's state."""
+    state = ckpt.load_checkpoint(point.path, p.engine, p.head, p.head_opt,
+                                 p.data.num_classes, p.ctx.world, zero_stage)
     if p.layer.proposal is not None:
         p.layer.proposal.load_state_dict(state["proposal"])
     if p.layer.student_prior is not None and state.get("student_prior") is not None:
         p.layer.student_prior.load_state_dict(state["student_prior"])
-    if p.ctx.is_rank0:
-        truncate_metrics(run_dir / "metrics.jsonl", state["step"])
-    return state["step"]
 
 
 def _run_steps(p: TrainParts, cfg: RunConfig, run_dir: Path, sinks, start_step: int,
-               resumed: bool) -> int:
+               clock: WallClock) -> int:
     """The step loop with timing, logging, evaluation and checkpoints; returns the last
     checkpointed step."""
-    ctx, last_saved = p.ctx, start_step
+    ctx, last_saved, skipped_in_row, resumed = p.ctx, start_step, 0, start_step > 0
     timer = RegionTimer(ctx.device, enabled=True, sync=cfg.profiling.sync)
     p.layer.region = timer.region
     stats = RunStats(run_dir, cfg.method.name, p.data.num_classes, cfg.train.steps,
@@ -202,7 +258,14 @@ def _run_steps(p: TrainParts, cfg: RunConfig, run_dir: Path, sinks, start_step: 
             set_lr(p.engine.optimizer, p.lr)
             if cfg.dist.check_proposal_sync and p.layer.proposal is not None:
                 check_proposal_sync(p.layer.proposal, ctx.group, ctx.device)
-            out = train_step(p, cfg, step, timer)
+            try:
+                out = train_step(p, cfg, step, timer)
+            except Diverged as err:
+                _stop(sinks, step + 1, f"{err} not finite", last_saved, run_dir)
+            skipped_in_row = skipped_in_row + 1 if out["skipped"] else 0
+            if skipped_in_row >= MAX_SKIPPED_IN_ROW:
+                _stop(sinks, step + 1, f"{skipped_in_row} steps in a row skipped ("
+                      f"{', '.join(out['nonfinite'])} not finite)", last_saved, run_dir)
             stats.update(out, step, p.layer.proposal)
             prof.step()
             times, iter_ms = timer.collect(), (time.perf_counter() - t0) * 1e3
@@ -217,7 +280,7 @@ def _run_steps(p: TrainParts, cfg: RunConfig, run_dir: Path, sinks, start_step: 
             if cfg.train.eval_every and done % cfg.train.eval_every == 0:
                 sinks.log(_eval_line(_eval(p, cfg), done), step=done)
             if cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0:
-                _save(p, run_dir, done)
+                _save(p, run_dir, done, clock)
                 last_saved = done
     for path in getattr(prof, "trace_paths", []):
         sinks.log_artifact(path, name=f"trace-{Path(path).stem}", type="trace")
@@ -225,7 +288,20 @@ def _run_steps(p: TrainParts, cfg: RunConfig, run_dir: Path, sinks, start_step: 
     return last_saved
 
 
+MAX_SKIPPED_IN_ROW = 10   # train.on_nonfinite = skip_step gives up after this many
+
+
+def _stop(sinks, step: int, why: str, last_saved: int, run_dir: Path) -> None:
+    """End a diverged run: a `stopped` line, no export; the last checkpoint stays."""
+    sinks.log({"kind": "stopped", "reason": why}, step=step)
+    kept = (f"the last good checkpoint is {run_dir}/checkpoints/step{last_saved:07d}"
+            if last_saved else "no checkpoint was written")
+    raise RunStopped(f"step {step}: {why}; the run stopped (train.on_nonfinite) and exported "
+                     f"nothing; {kept}")
+
+
 def _eval(p: TrainParts, cfg: RunConfig) -> dict:
+    average_bn_stats(p.engine.module, p.ctx.group)
     return evaluate(p.engine.module, p.head.weight, p.head.start, p.data, p.ctx.device,
                     cfg.train.eval_batch_size, p.ctx.group)
 
@@ -234,19 +310,23 @@ def _eval_line(metrics: dict, step: int) -> dict:
     return {"kind": "eval", "step": step, **{f"eval/{k}": v for k, v in metrics.items()}}
 
 
-def _save(p: TrainParts, run_dir: Path, step: int) -> None:
+def _save(p: TrainParts, run_dir: Path, step: int, clock: WallClock) -> None:
     prop = p.layer.proposal
     sp = p.layer.student_prior
+    average_bn_stats(p.engine.module, p.ctx.group)
     state = {"step": step, "proposal": prop.state_dict() if prop is not None else None,
-             "student_prior": sp.state_dict() if sp is not None else None}
+             "student_prior": sp.state_dict() if sp is not None else None,
+             "wall_s": clock.total()}
     ckpt.save_checkpoint(run_dir, step, p.engine, p.head, p.head_opt, state, p.ctx)
 
 
 def _finish(p: TrainParts, cfg: RunConfig, run_dir: Path, metrics: dict, wall_s: float) -> None:
     """Export model.pt (full head gathered from the shards) and write summary.json."""
+    average_bn_stats(p.engine.module, p.ctx.group)
     full_head = gather_rows_nograd(p.head.weight, p.ctx.group)
     if not p.ctx.is_rank0:
         return
+    check_finite_state({"head": full_head, **p.engine.module.state_dict()}, "model.pt")
     export_model(run_dir / "model.pt", cfg.model, p.data, p.engine.module, full_head)
     summary = {"name": run_dir.name, "method": cfg.method.name, "classes": p.data.num_classes,
                "k": cfg.method.k, "mode": cfg.method.mode if cfg.method.name in SAMPLED_METHODS else None,

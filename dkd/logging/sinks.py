@@ -31,6 +31,7 @@ __all__ = ["NullSink", "JsonlSink", "WandbSink", "MultiSink", "WandbSettings", "
 
 log = logging.getLogger(__name__)
 WANDB_MODES = ("offline", "online", "disabled")
+WANDB_ID_FILE = "wandb-run-id"
 
 
 # --------------------------------------------------------------------------- values
@@ -101,21 +102,24 @@ class JsonlSink(NullSink):
             self._f.close()
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL metrics file; ``null`` values come back as NaN."""
+def read_jsonl(path: str | Path, nan: bool = True) -> list[dict[str, Any]]:
+    """Rows of a JSONL metrics file; ``null`` values come back as NaN (``nan=False``: as
+    None). A torn last line (a write cut by a kill) is left out; a bad line elsewhere is
+    an error naming its line number."""
     path = Path(path)
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not a JSON object ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {row!r:.40}")
-            rows.append({k: (math.nan if v is None else v) for k, v in row.items()})
+    lines = [(i, ln) for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+             if ln.strip()]
+    for n, (lineno, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines) - 1 and not line.endswith("}"):
+                break    # torn by a kill mid-write: the step is redone on resume
+            raise ValueError(f"{path}:{lineno}: not a JSON object ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {row!r:.40}")
+        rows.append({k: (math.nan if v is None and nan else v) for k, v in row.items()})
     return rows
 
 
@@ -216,8 +220,10 @@ class WandbSink(NullSink):
 
     def __init__(self, run_dir: str | Path, config: Mapping[str, Any],
                  project: str | None = None, mode: str = "offline", name: str | None = None,
-                 entity: str | None = None, init_timeout_s: float = 20.0) -> None:
+                 entity: str | None = None, init_timeout_s: float = 20.0,
+                 skip_until: int = 0) -> None:
         self.run_dir = Path(run_dir)
+        self.skip_until = skip_until  # steps a killed segment already logged (resume)
         self.mode = resolve_wandb_mode(mode, project)
         self.run = None
         self.offline_dir: Path | None = None  # <run_dir>/wandb/offline-run-* when offline
@@ -253,11 +259,24 @@ class WandbSink(NullSink):
         )
         return wandb.init(dir=str(self.run_dir), project=project or "dkd", entity=entity,
                           name=name, config=config, mode=self.mode, reinit="create_new",
-                          settings=settings)
+                          id=self.run_id(), resume="allow", settings=settings)
+
+    def run_id(self) -> str:
+        """One W&B run per run directory: the id is kept in `<run_dir>/wandb-run-id` and
+        reused by every resume, so `wandb sync` of all segments gives one run."""
+        path = self.run_dir / WANDB_ID_FILE
+        if path.is_file() and path.read_text().strip():
+            return path.read_text().strip()
+        import uuid
+
+        from dkd.atomic import atomic_write_text
+        run_id = uuid.uuid4().hex[:12]   # W&B ids: letters and digits
+        atomic_write_text(path, run_id + "\n")
+        return run_id
 
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        if self.run is None:
-            return
+        if self.run is None or (step is not None and step <= self.skip_until):
+            return    # a redone step: the killed segment's W&B file already has it
         row = {k: v for k, v in clean_metrics(metrics).items()
                if k != "step" and not isinstance(v, str)}
         row = {k: (math.nan if v is None else v) for k, v in row.items()}
@@ -304,8 +323,9 @@ class WandbSink(NullSink):
 
 
 def make_sinks(run_dir: str | Path, config_dict: Mapping[str, Any], wandb_cfg: Any = None,
-               is_rank0: bool = True) -> NullSink:
+               is_rank0: bool = True, skip_until: int = 0) -> NullSink:
     """Rank 0: JSONL (``<run_dir>/metrics.jsonl``) + W&B unless its mode is disabled.
+    ``skip_until``: on resume, the last step already logged; W&B gets only later steps.
 
     ``wandb_cfg``: None (offline), a dict or any object with ``mode``/``project``/
     ``entity``/``name``. Other ranks get a :class:`NullSink`.
@@ -317,7 +337,7 @@ def make_sinks(run_dir: str | Path, config_dict: Mapping[str, Any], wandb_cfg: A
     sinks: list[NullSink] = [JsonlSink(run_dir / "metrics.jsonl")]
     if wb.mode != "disabled":
         sinks.append(WandbSink(run_dir, config_dict, project=wb.project, mode=wb.mode,
-                               name=wb.name, entity=wb.entity))
+                               name=wb.name, entity=wb.entity, skip_until=skip_until))
     return MultiSink(sinks)
 
 

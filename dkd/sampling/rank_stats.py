@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from dkd.atomic import atomic_write_text, atomic_write_with
 from dkd.sampling.proposals import laplace_mixture_bins
 
 
@@ -78,10 +79,7 @@ class RankHistogram:
 
     def save(self, path: str) -> None:
         """Write to_dict() as JSON atomically (tmp file, then os.replace)."""
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     def plot(self, path: str) -> None:
         """PNG: one panel per phase, histogram as density with the fitted mixture on top."""
@@ -105,10 +103,8 @@ class RankHistogram:
             ax.legend(fontsize=6)
         axes[0][0].set_ylabel("density")
         fig.tight_layout()
-        tmp = f"{path}.tmp.{os.getpid()}.png"
-        fig.savefig(tmp, dpi=100)
+        atomic_write_with(path, lambda f: fig.savefig(f, format="png", dpi=100))
         plt.close(fig)
-        os.replace(tmp, path)
 
 
 @functools.lru_cache(maxsize=32)

@@ -67,7 +67,7 @@ class LiveTeacher:
 def export_model(path: Path, model_cfg: ModelConfig, data, backbone: torch.nn.Module,
                  head_weight: torch.Tensor) -> None:
     """Write model.pt: what a later run needs to rebuild this model as its teacher."""
-    from dkd.engine.rundir import atomic_torch_save
+    from dkd.atomic import atomic_torch_save
 
     atomic_torch_save({"model": model_cfg.model_dump(), "num_classes": data.num_classes,
                        "input_dim": data.input_dim, "input_shape": tuple(data.input_shape),

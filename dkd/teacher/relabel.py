@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from dkd.dist.functional import group_rank, group_size
-from dkd.engine.rundir import atomic_write_json
+from dkd.atomic import atomic_write_json
 from dkd.teacher.select import row_topk
 from dkd.sampling.rng import draw_key, row_uniforms
 from dkd.teacher.sparse_target import sampled_target
