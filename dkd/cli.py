@@ -1,4 +1,4 @@
-"""The `dkd` command: train | eval | fidelity | bench | report.
+"""The `dkd` command: train | search | relabel | eval | fidelity | bench | report.
 
 Heavy imports (torch, deepspeed) happen inside the commands, so `dkd --help` is instant.
 Configuration problems exit with status 2 and one message naming the key or file; a run
@@ -33,13 +33,33 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+_CONFIG_HELP = "YAML run config (default: the embedded synthetic run)."
+_RESUME_HELP = ("Continue the run from its newest verified checkpoint (no --config: with the "
+                "run's own config.yaml; --set may change only cadence, length, W&B and "
+                "profiling keys).")
+
+
 @app.command()
-def train(config: Optional[Path] = typer.Option(None, "--config", "-c",
-                                                help="YAML run config (default: the embedded synthetic run)."),
+def train(config: Optional[Path] = typer.Option(None, "--config", "-c", help=_CONFIG_HELP),
           set_: List[str] = typer.Option([], "--set", "-s", help="Override: section.key=value (repeatable)."),
-          resume: bool = typer.Option(False, "--resume", help="Continue the run from its newest verified checkpoint (no --config: with the run's own config.yaml; --set may change only cadence, length, W&B and profiling keys)."),
+          resume: bool = typer.Option(False, "--resume", help=_RESUME_HELP),
           overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory.")):
     """Train a model (a teacher with method=hard, or a student distilled from teacher.checkpoint)."""
+    _train(config, list(set_), resume, overwrite)
+
+
+@app.command()
+def search(config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config of the teacher-sized search space (configs/search_synthetic.yaml)."),
+           set_: List[str] = typer.Option([], "--set", "-s", help="Override: section.key=value (repeatable)."),
+           resume: bool = typer.Option(False, "--resume", help=_RESUME_HELP),
+           overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory.")):
+    """Search a student: gate every inner unit of `model`, train with the distillation loss
+    and a FLOPs-weighted L1 on the gates, stop at search.target_flops and export the smaller
+    network (<run>/student.yaml, for `dkd train --set model.arch=searched --set model.spec=...`)."""
+    _train(config, ["search.enabled=true", *set_], resume, overwrite)
+
+
+def _train(config: Optional[Path], set_: list[str], resume: bool, overwrite: bool) -> None:
     from dkd.config import ConfigError, load_config
     from dkd.engine.guard import exit_with_launcher
 
@@ -49,6 +69,8 @@ def train(config: Optional[Path] = typer.Option(None, "--config", "-c",
         saved = Path(cfg.out_dir) / (cfg.name or "") / "config.yaml"
         if resume and config is None and cfg.name and saved.is_file():
             cfg = load_config(saved, set_)   # --resume continues the run's own config
+        if cfg.search.enabled and cfg.search.loss == "ce":
+            cfg.method.name = "hard"         # plain pruning: hard labels, no teacher
         from dkd.engine.distributed import shutdown
         from dkd.engine.health import RunStopped
         from dkd.engine.loop import train as run_train

@@ -82,13 +82,14 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     arch: Literal["mlp", "resnet32", "lenet", "shallow_cnn", "resnet18", "resnet152",
-                  "ngram_mlp", "transformer"] = "mlp"
+                  "ngram_mlp", "transformer", "searched"] = "mlp"
     """Backbone architecture (registry name). Image backbones (resnet32, lenet, shallow_cnn,
     resnet18, resnet152) take (B, 3, H, W); text ones (ngram_mlp, transformer) take (B, n)
     token ids. Every backbone returns (B, feature_dim): one whose natural width differs
     (resnet32: 64, lenet: 84, shallow_cnn: 2048, resnet18: 512, resnet152: 2048,
     transformer: embed_dim) ends in a Linear-norm-ReLU projection to feature_dim; set
-    feature_dim to the natural width for the unmodified architecture."""
+    feature_dim to the natural width for the unmodified architecture. `searched`: the
+    student a `dkd search` exported, read from `model.spec`."""
     hidden: int = Field(128, ge=1)
     """Width of the residual MLP blocks."""
     depth: int = Field(2, ge=0)
@@ -110,6 +111,19 @@ class ModelConfig(_Section):
     vocab_size: int = Field(0, ge=0)
     """Text models: rows of the token embedding table. 0: taken from the dataset (the
     `vocab_size` passed to build_backbone, i.e. DataBundle.vocab_size)."""
+    spec: Optional[str] = None
+    """`arch: searched`: the student spec a `dkd search` wrote (`<search run>/student.yaml`):
+    the searched architecture and its per-block widths (its other model keys replace these)."""
+    spec_init: Literal["scratch", "searched"] = "scratch"
+    """`arch: searched`: train from a fresh initialisation (seeded), or start from the
+    weights the search exported (`student.pt` next to the spec)."""
+
+    @model_validator(mode="after")
+    def _check_spec(self):
+        if (self.arch == "searched") != (self.spec is not None):
+            raise ValueError("model.spec: set it (a student.yaml from dkd search) exactly when "
+                             "model.arch = searched")
+        return self
 
     @model_validator(mode="after")
     def _check_heads(self):
@@ -345,6 +359,33 @@ class WandbConfig(_Section):
     """W&B project (online mode)."""
 
 
+class SearchConfig(_Section):
+    enabled: bool = False
+    """Student search (`dkd search` sets it): gate the inner units of every residual block
+    of `model` (the teacher-sized space), push gates to zero, export the open sub-network."""
+    target_flops: float = Field(0.25, gt=0)
+    """Stop when the open sub-network's backbone FLOPs per sample reach this: a fraction
+    of the starting network's when <= 1, else absolute FLOPs."""
+    penalty: float = Field(1e-3, ge=0)
+    """lambda2: weight of sum_j alpha_j |g_j| (the gates' L1 penalty, applied as the
+    proximal soft-threshold lambda2 * alpha_j * gate_lr)."""
+    gate_lr: float = Field(0.01, gt=0)
+    """eta: the gates' step size (the weights keep the run's optimizer)."""
+    gate_optimizer: Literal["apg", "prox_sgd"] = "apg"
+    """apg: accelerated proximal gradient in the modified (Sutskever) form, mu_k =
+    (k - 2) / (k + 1); prox_sgd: plain proximal gradient."""
+    loss: Literal["kd", "ce"] = "kd"
+    """kd: the run's distillation method (distillation-aware search); ce: hard labels only
+    (plain network pruning), the paper's "KD vs NP" ablation."""
+    flops_weighting: bool = True
+    """alpha_j = F_j / max_k F_k (F_j: FLOPs saved when gate j closes, measured); False:
+    alpha_j = 1."""
+    kl_target: Optional[float] = Field(None, ge=0)
+    """kl_0 variant: minimise |loss - kl_0| instead of the loss (None: off)."""
+    check_every: int = Field(10, ge=1)
+    """Steps between FLOP counts of the open sub-network (and refreshes of alpha)."""
+
+
 class RunConfig(_Section):
     name: Optional[str] = None
     """Run name; the run directory is `<out_dir>/<name>`. Default: a timestamp."""
@@ -361,9 +402,20 @@ class RunConfig(_Section):
     dist: DistConfig = DistConfig()
     profiling: ProfilingConfig = ProfilingConfig()
     wandb: WandbConfig = WandbConfig()
+    search: SearchConfig = SearchConfig()
 
     @model_validator(mode="after")
     def _check(self):
+        if self.search.enabled and self.dist.zero_stage > 0:
+            raise ValueError("search.enabled: needs dist.zero_stage = 0 (the gates are backbone "
+                             "parameters outside the engine's optimizer)")
+        if self.search.enabled and self.search.loss == "kd" and self.method.name in ("hard", "ls"):
+            raise ValueError(f"search.loss = kd distils: set method.name to a distillation "
+                             f"method (kd, dis, ...) and a teacher, not {self.method.name!r}; "
+                             "or search.loss = ce for plain pruning")
+        if self.search.enabled and self.model.arch == "searched":
+            raise ValueError("search.enabled: search starts from a teacher-sized model.arch "
+                             "(mlp, ngram_mlp, resnet32), not from a searched student")
         if self.train.on_nonfinite == "skip_step" and (self.dist.zero_stage > 0
                                                        or self.dist.precision != "fp32"):
             raise ValueError("train.on_nonfinite = skip_step needs dist.zero_stage = 0 and "

@@ -34,6 +34,7 @@ class TrainParts:
     layer: SoftmaxLayer
     dtype: torch.dtype = torch.float32
     lr: float = 0.0
+    search: Any = None   # GateSearch of a `dkd search` run (dkd/search/searcher.py)
 
 
 def use_bf16(cfg: RunConfig, ctx: DistContext) -> bool:
@@ -78,6 +79,12 @@ def check_inputs(cfg: RunConfig, ctx: DistContext) -> tuple[DataBundle, Any]:
     if ctx.world > data.num_classes:
         raise ConfigError(f"world size {ctx.world} exceeds the {data.num_classes} classes "
                           f"(data.num_classes): every rank must own at least one class")
+    if cfg.search.enabled:
+        from dkd.search.space import check_searchable
+        check_searchable(cfg.model)
+    if cfg.model.arch == "searched":   # a bad spec is refused here, by file name
+        from dkd.search.space import build_searched
+        build_searched(cfg.model, data.input_dim, **data.backbone_kwargs())
     k = cfg.method.k
     if k is not None and k >= data.num_classes:
         raise ConfigError(f"method.k = {k} must be < the dataset's {data.num_classes} classes")
@@ -94,8 +101,11 @@ def assemble(cfg: RunConfig, ctx: DistContext, data: DataBundle, teacher,
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)  # same backbone init on every rank and every world size
-    backbone = build_backbone(cfg.model, data.input_dim, **data.backbone_kwargs()).to(ctx.device)
-    optimizer = build_optimizer(backbone.parameters(), cfg.optim)
+    backbone = build_backbone(cfg.model, data.input_dim, **data.backbone_kwargs(),
+                              gated=cfg.search.enabled).to(ctx.device)
+    # Gates (student search) take their own proximal step, not the run's optimizer.
+    weights = [p for n, p in backbone.named_parameters() if not n.endswith("gate.g")]
+    optimizer = build_optimizer(weights, cfg.optim)
     ds_config = deepspeed_config(cfg, ctx)
     if ctx.is_rank0:  # the DeepSpeed config is derived, never edited: kept for the record
         atomic_write_json(run_dir / "deepspeed_config.json", ds_config)
@@ -110,6 +120,10 @@ def assemble(cfg: RunConfig, ctx: DistContext, data: DataBundle, teacher,
     layer = SoftmaxLayer(cfg.method, data.num_classes, head.start, head.end, ctx.group,
                          cfg.train.steps, seed=cfg.seed,
                          check_sync=cfg.dist.check_sample_sync, prior=prior)
+    search = None
+    if cfg.search.enabled:
+        from dkd.search.searcher import GateSearch
+        search = GateSearch(cfg.search, cfg.model, engine.module, data, ctx.group)
     return TrainParts(ctx, data, teacher, getattr(teacher, "head_weight", None),
                       engine, head, head_optimizer(head, cfg), layer,
-                      torch.bfloat16 if use_bf16(cfg, ctx) else torch.float32)
+                      torch.bfloat16 if use_bf16(cfg, ctx) else torch.float32, search=search)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dkd.config import SAMPLED_METHODS, ConfigError, RunConfig
+from dkd.config import SAMPLED_METHODS, ConfigError, ModelConfig, RunConfig
 from dkd.data import global_batch_indices, local_slice
 from dkd.dist.functional import gather_rows, gather_rows_nograd
 from dkd.engine import checkpoint as ckpt
@@ -34,6 +34,7 @@ from dkd.engine.sync import check_proposal_sync
 from dkd.logging.progress import make_progress
 from dkd.logging.sinks import make_sinks
 from dkd.profiling.timers import RegionTimer
+from dkd.search.flops import count_flops
 from dkd.sampling.teacher_batch import TopKTeacher, completion_logit
 from dkd.profiling.trace import maybe_profile
 from dkd.teacher.live import export_model
@@ -101,7 +102,8 @@ def micro_step(p: TrainParts, cfg: RunConfig, micro: int, timer: RegionTimer,
         with timer.region("softmax_layer/forward"):
             out = p.layer(feats_d, p.head, y_g, t_g, p.teacher_weight, micro)
         with timer.region("softmax_layer/backward"):
-            (out["loss"] / gas).backward()
+            loss = out["loss"] if p.search is None else p.search.objective(out["loss"])
+            (loss / gas).backward()
     with timer.region("backbone_bwd"):
         p.engine.backward((feats * feats_d.grad.to(feats.dtype)).sum())
     # Before the engine's step: a non-finite loss or gradient stops the run, or (skip_step)
@@ -111,8 +113,11 @@ def micro_step(p: TrainParts, cfg: RunConfig, micro: int, timer: RegionTimer,
     if out["nonfinite"] and cfg.train.on_nonfinite == "stop":
         raise Diverged(out["nonfinite"])
     with timer.region("optimizer"):
-        if (skip or out["nonfinite"]) and p.engine.is_gradient_accumulation_boundary():
+        boundary = p.engine.is_gradient_accumulation_boundary()
+        if (skip or out["nonfinite"]) and boundary:
             drop_backbone_grads(p.engine.module)
+        elif p.search is not None and boundary:
+            p.search.step()    # the gates' proximal step (they are not in the optimizer)
         p.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
     return out
 
@@ -219,12 +224,14 @@ def _train_from(p: TrainParts, cfg: RunConfig, run_dir: Path, point) -> None:
     sinks = make_sinks(run_dir, cfg.model_dump(mode="json"), cfg.wandb, p.ctx.is_rank0,
                        skip_until=point.logged_until if point else 0)
     try:
-        last_saved = _run_steps(p, cfg, run_dir, sinks, start, clock)
+        last_saved, end = _run_steps(p, cfg, run_dir, sinks, start, clock)
+        if p.search is not None:
+            p.search.opt.settle()   # closed gates exactly 0: evaluate what is exported
         metrics = _eval(p, cfg)
-        sinks.log(_eval_line(metrics, cfg.train.steps), step=cfg.train.steps)
-        if last_saved != cfg.train.steps:
-            _save(p, run_dir, cfg.train.steps, clock)
-        _finish(p, cfg, run_dir, metrics, clock.total())
+        sinks.log(_eval_line(metrics, end), step=end)
+        if last_saved != end:
+            _save(p, run_dir, end, clock)
+        _finish(p, cfg, run_dir, metrics, clock.total(), end)
     finally:
         sinks.finish()   # a crash must not leave the W&B run open
 
@@ -237,6 +244,8 @@ def _resume(p: TrainParts, point, zero_stage: int) -> None:
         p.layer.proposal.load_state_dict(state["proposal"])
     if p.layer.student_prior is not None and state.get("student_prior") is not None:
         p.layer.student_prior.load_state_dict(state["student_prior"])
+    if p.search is not None:
+        p.search.load_state_dict(state["search"])
 
 
 def _run_steps(p: TrainParts, cfg: RunConfig, run_dir: Path, sinks, start_step: int,
@@ -244,6 +253,7 @@ def _run_steps(p: TrainParts, cfg: RunConfig, run_dir: Path, sinks, start_step: 
     """The step loop with timing, logging, evaluation and checkpoints; returns the last
     checkpointed step."""
     ctx, last_saved, skipped_in_row, resumed = p.ctx, start_step, 0, start_step > 0
+    shown = {}   # search: FLOPs and open fraction of the last count, on the progress bar
     timer = RegionTimer(ctx.device, enabled=True, sync=cfg.profiling.sync)
     p.layer.region = timer.region
     stats = RunStats(run_dir, cfg.method.name, p.data.num_classes, cfg.train.steps,
@@ -275,17 +285,24 @@ def _run_steps(p: TrainParts, cfg: RunConfig, run_dir: Path, sinks, start_step: 
             # extra synchronisation. log_every only paces the progress bar.
             m = _metrics(out, step, p.lr, times, iter_ms, p)
             sinks.log(m, step=done)
+            found = p.search.check(done) if p.search is not None else None
+            if found is not None:
+                sinks.log(found, step=done)
+                shown = {"flops": f"{found['search/flops_frac']:.1%}",
+                         "open": f"{found['search/open_frac']:.1%}"}
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                bar.update(step, loss=m["loss"], softmax_ms=m["softmax_ms"])
+                bar.update(step, loss=m["loss"], softmax_ms=m["softmax_ms"], **shown)
             if cfg.train.eval_every and done % cfg.train.eval_every == 0:
                 sinks.log(_eval_line(_eval(p, cfg), done), step=done)
             if cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0:
                 _save(p, run_dir, done, clock)
                 last_saved = done
+            if p.search is not None and p.search.reached:
+                break   # the open sub-network is at the target: export it
     for path in getattr(prof, "trace_paths", []):
         sinks.log_artifact(path, name=f"trace-{Path(path).stem}", type="trace")
     stats.finish()
-    return last_saved
+    return last_saved, done if start_step < cfg.train.steps else start_step
 
 
 MAX_SKIPPED_IN_ROW = 10   # train.on_nonfinite = skip_step gives up after this many
@@ -316,22 +333,34 @@ def _save(p: TrainParts, run_dir: Path, step: int, clock: WallClock) -> None:
     average_bn_stats(p.engine.module, p.ctx.group)
     state = {"step": step, "proposal": prop.state_dict() if prop is not None else None,
              "student_prior": sp.state_dict() if sp is not None else None,
-             "wall_s": clock.total()}
+             "wall_s": clock.total(),
+             "search": p.search.state_dict() if p.search is not None else None}
     ckpt.save_checkpoint(run_dir, step, p.engine, p.head, p.head_opt, state, p.ctx)
 
 
-def _finish(p: TrainParts, cfg: RunConfig, run_dir: Path, metrics: dict, wall_s: float) -> None:
-    """Export model.pt (full head gathered from the shards) and write summary.json."""
+def _finish(p: TrainParts, cfg: RunConfig, run_dir: Path, metrics: dict, wall_s: float,
+            end: int) -> None:
+    """Export model.pt (full head gathered from the shards; for a search, the exported
+    student) and write summary.json."""
     average_bn_stats(p.engine.module, p.ctx.group)
     full_head = gather_rows_nograd(p.head.weight, p.ctx.group)
     if not p.ctx.is_rank0:
         return
     check_finite_state({"head": full_head, **p.engine.module.state_dict()}, "model.pt")
-    export_model(run_dir / "model.pt", cfg.model, p.data, p.engine.module, full_head)
+    model_cfg, net, extra = cfg.model, p.engine.module, {}
+    if p.search is not None:   # the real smaller network replaces the gated one
+        spec, net, extra["search"] = p.search.export(run_dir, full_head)
+        model_cfg = ModelConfig(arch="searched", spec=str(spec.resolve()),
+                                feature_dim=cfg.model.feature_dim)
+    export_model(run_dir / "model.pt", model_cfg, p.data, net, full_head)
+    w = next(net.parameters())
+    example = p.data.train.get(torch.tensor([0]))[0].to(w.device)
+    example = example.to(w.dtype) if example.is_floating_point() else example
     summary = {"name": run_dir.name, "method": cfg.method.name, "classes": p.data.num_classes,
                "k": cfg.method.k, "mode": cfg.method.mode if cfg.method.name in SAMPLED_METHODS else None,
-               "steps": cfg.train.steps, **metrics, "wall_s": round(wall_s, 3),
-               "world_size": p.ctx.world, "teacher": cfg.teacher.checkpoint,
-               "teacher_store": cfg.teacher.store}
+               "steps": end, "planned_steps": cfg.train.steps, **metrics,
+               "wall_s": round(wall_s, 3), "world_size": p.ctx.world,
+               "teacher": cfg.teacher.checkpoint, "teacher_store": cfg.teacher.store,
+               "arch": cfg.model.arch, "backbone_flops": count_flops(net, example), **extra}
     atomic_write_json(run_dir / "summary.json", summary)
     print(json.dumps(summary), flush=True)

@@ -81,7 +81,11 @@ def is_finished(run_dir: Path, point: ResumePoint, cfg: RunConfig) -> bool:
     if step > cfg.train.steps:
         raise ConfigError(f"--resume: train.steps = {cfg.train.steps} is below the step of "
                           f"the newest checkpoint ({step}); raise it or leave it")
-    return step == cfg.train.steps and (run_dir / "summary.json").is_file()
+    if not (run_dir / "summary.json").is_file():
+        return False
+    done = json.loads((run_dir / "summary.json").read_text())
+    # a search stops early, at its FLOPs target: finished at its own last step
+    return done.get("steps") == step and done.get("planned_steps", step) == cfg.train.steps
 
 
 def continue_run_dir(run_dir: Path, point: ResumePoint, cfg: RunConfig, changes: dict) -> None:

@@ -14,8 +14,9 @@ from dkd.config import ModelConfig
 from dkd.models.common import Backbone, image_shape
 from dkd.models.mlp import ResidualMLP
 
-# A builder gets (cfg, input_dim, input_shape or None, vocab_size or None).
-Builder = Callable[[ModelConfig, int, Optional[Sequence[int]], Optional[int]], nn.Module]
+# A builder gets (cfg, input_dim, input_shape or None, vocab_size or None); the gateable
+# ones (GATEABLE) also take inner= (per-block inner widths) and gated= (student search).
+Builder = Callable[..., nn.Module]
 
 # Width of each architecture's own features, before any projection to model.feature_dim.
 NATURAL_WIDTH: dict[str, Callable[[ModelConfig], int]] = {
@@ -25,10 +26,10 @@ NATURAL_WIDTH: dict[str, Callable[[ModelConfig], int]] = {
 }
 
 
-def _image(make: Callable[[], nn.Module]) -> Builder:
-    def build(cfg, in_dim, shape, vocab):
+def _image(make: Callable[..., nn.Module]) -> Builder:
+    def build(cfg, in_dim, shape, vocab, **search):
         flat = image_shape(in_dim, shape, cfg.arch)
-        body = make()
+        body = make(**search)
         return Backbone(body, body.feature_dim, cfg.feature_dim, cfg.norm, flat, image=True)
     return build
 
@@ -41,10 +42,10 @@ def _vocab(cfg: ModelConfig, vocab: Optional[int]) -> int:
     return v
 
 
-def _ngram(cfg, in_dim, shape, vocab):
+def _ngram(cfg, in_dim, shape, vocab, **search):
     from dkd.models.text import NgramMLP
     return NgramMLP(_vocab(cfg, vocab), in_dim, cfg.embed_dim, cfg.hidden, cfg.depth,
-                    cfg.feature_dim, cfg.norm)
+                    cfg.feature_dim, cfg.norm, **search)
 
 
 def _transformer(cfg, in_dim, shape, vocab):
@@ -54,9 +55,9 @@ def _transformer(cfg, in_dim, shape, vocab):
     return Backbone(body, cfg.embed_dim, cfg.feature_dim, cfg.norm)
 
 
-def _resnet32():
+def _resnet32(**search):
     from dkd.models.resnet_cifar import ResNetCIFAR
-    return ResNetCIFAR(32)
+    return ResNetCIFAR(32, **search)
 
 
 def _cnn(name: str):
@@ -74,8 +75,8 @@ def _tv(name: str):
 
 
 _REGISTRY: dict[str, Builder] = {
-    "mlp": lambda cfg, in_dim, shape, vocab: ResidualMLP(in_dim, cfg.hidden, cfg.depth,
-                                                         cfg.feature_dim, cfg.norm),
+    "mlp": lambda cfg, in_dim, shape, vocab, **search: ResidualMLP(
+        in_dim, cfg.hidden, cfg.depth, cfg.feature_dim, cfg.norm, **search),
     "resnet32": _image(_resnet32),
     "lenet": _image(_cnn("lenet")),
     "shallow_cnn": _image(_cnn("shallow_cnn")),
@@ -86,11 +87,28 @@ _REGISTRY: dict[str, Builder] = {
 }
 
 
+# Architectures whose channels student search can gate and remove (dkd/search/space.py):
+# the inner units of every residual block.
+GATEABLE = ("mlp", "ngram_mlp", "resnet32")
+
+
 def build_backbone(cfg: ModelConfig, input_dim: int, input_shape: Optional[Sequence[int]] = None,
-                   vocab_size: Optional[int] = None) -> nn.Module:
+                   vocab_size: Optional[int] = None, inner: Optional[list] = None,
+                   gated: bool = False) -> nn.Module:
     """Backbone for inputs of ``input_dim`` elements (shape ``input_shape``: (3, H, W) for
     images, (n,) for text); text models also need ``vocab_size`` (or model.vocab_size).
-    ``build_backbone(cfg, data.input_dim, **data.backbone_kwargs())`` passes both."""
+    ``build_backbone(cfg, data.input_dim, **data.backbone_kwargs())`` passes both.
+    ``model.arch: searched`` builds the student a search exported (``model.spec``);
+    ``inner`` / ``gated`` (GATEABLE archs only) set per-block inner widths and gates."""
+    if cfg.arch == "searched":
+        from dkd.search.space import build_searched
+        return build_searched(cfg, input_dim, input_shape, vocab_size)
     if cfg.arch not in _REGISTRY:
         raise ValueError(f"model.arch: unknown {cfg.arch!r}; expected one of {sorted(_REGISTRY)}")
-    return _REGISTRY[cfg.arch](cfg, input_dim, input_shape, vocab_size)
+    if inner is None and not gated:
+        return _REGISTRY[cfg.arch](cfg, input_dim, input_shape, vocab_size)
+    if cfg.arch not in GATEABLE:
+        raise ValueError(f"model.arch {cfg.arch!r} has no gateable layers; student search "
+                         f"supports {', '.join(GATEABLE)}")
+    return _REGISTRY[cfg.arch](cfg, input_dim, input_shape, vocab_size, inner=inner,
+                               gated=gated)

@@ -11,24 +11,52 @@ def make_norm(kind: str, width: int) -> nn.Module:
     return {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm}.get(kind, lambda w: nn.Identity())(width)
 
 
-class ResidualBlock(nn.Module):
-    def __init__(self, width: int, norm: str = "batch"):
+class Gate(nn.Module):
+    """A scalar gate per channel (dim 1 of its input): ``x * g``. A gate at exactly 0
+    closes its channel, which student search then removes (`dkd/search/`)."""
+
+    def __init__(self, channels: int):
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(width, width), make_norm(norm, width), nn.ReLU(),
-                                  nn.Linear(width, width), make_norm(norm, width))
+        self.g = nn.Parameter(torch.ones(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x + self.body(x))
+        return x * self.g.view(-1, *([1] * (x.dim() - 2)))
+
+
+class ResidualBlock(nn.Module):
+    """x -> relu(x + norm(W2 gate(relu(norm(W1 x))))); the inner width may differ from the
+    residual width (a searched student), and ``gated`` puts a Gate on the inner units."""
+
+    def __init__(self, width: int, norm: str = "batch", inner: int | None = None,
+                 gated: bool = False):
+        super().__init__()
+        inner = width if inner is None else inner
+        self.body = nn.Sequential(nn.Linear(width, inner), make_norm(norm, inner), nn.ReLU(),
+                                  nn.Linear(inner, width), make_norm(norm, width))
+        self.gate = Gate(inner) if gated else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is None:
+            return torch.relu(x + self.body(x))
+        return torch.relu(x + self.body[3:](self.gate(self.body[:3](x))))
+
+    def gated_pair(self):
+        """(producer, its norm, consumer) of the gated units (see dkd/search/space.py)."""
+        return self.body[0], self.body[1], self.body[3]
 
 
 class ResidualMLP(nn.Module):
-    """in_dim -> hidden -> depth residual blocks -> feature_dim features (B, d)."""
+    """in_dim -> hidden -> depth residual blocks -> feature_dim features (B, d). ``inner``:
+    per-block inner widths (default hidden); ``gated``: gates on the inner units."""
 
     def __init__(self, in_dim: int, hidden: int, depth: int, feature_dim: int,
-                 norm: str = "batch"):
+                 norm: str = "batch", inner: list[int] | None = None, gated: bool = False):
         super().__init__()
+        inner = list(inner) if inner is not None else [hidden] * depth
+        if len(inner) != depth:
+            raise ValueError(f"inner widths: expected {depth} (model.depth), got {len(inner)}")
         self.stem = nn.Sequential(nn.Linear(in_dim, hidden), make_norm(norm, hidden), nn.ReLU())
-        self.blocks = nn.Sequential(*[ResidualBlock(hidden, norm) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[ResidualBlock(hidden, norm, w, gated) for w in inner])
         self.proj = nn.Sequential(nn.Linear(hidden, feature_dim), make_norm(norm, feature_dim),
                                   nn.ReLU())
         self.feature_dim = feature_dim

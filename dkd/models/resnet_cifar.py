@@ -9,15 +9,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dkd.models.mlp import Gate
+
 
 class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int):
+    """conv1 (``inner`` filters, default c_out) -> BN -> ReLU [-> Gate] -> conv2 -> BN,
+    plus the shortcut. Only the inner filters are searched: the residual widths stay."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, inner: int | None = None,
+                 gated: bool = False):
         super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        inner = c_out if inner is None else inner
+        self.conv1 = nn.Conv2d(c_in, inner, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(inner)
+        self.conv2 = nn.Conv2d(inner, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
         self.stride, self.pad = stride, c_out - c_in
+        self.gate = Gate(inner) if gated else None
+
+    def gated_pair(self):
+        return self.conv1, self.bn1, self.conv2
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride != 1:
@@ -28,23 +39,30 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
+        if self.gate is not None:
+            out = self.gate(out)
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
 class ResNetCIFAR(nn.Module):
     """(B, 3, H, W) -> (B, 64)."""
 
-    def __init__(self, depth: int = 32, in_channels: int = 3):
+    def __init__(self, depth: int = 32, in_channels: int = 3, inner: list[int] | None = None,
+                 gated: bool = False):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n + 2, got {depth}")
         n = (depth - 2) // 6
+        inner = list(inner) if inner is not None else [None] * (3 * n)
+        if len(inner) != 3 * n:
+            raise ValueError(f"inner widths: expected {3 * n} (one per block), got {len(inner)}")
         self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False),
                                   nn.BatchNorm2d(16), nn.ReLU())
         blocks, c_in = [], 16
         for stage, width in enumerate((16, 32, 64)):
             for i in range(n):
-                blocks.append(BasicBlock(c_in, width, 2 if stage > 0 and i == 0 else 1))
+                blocks.append(BasicBlock(c_in, width, 2 if stage > 0 and i == 0 else 1,
+                                         inner[len(blocks)], gated))
                 c_in = width
         self.blocks = nn.Sequential(*blocks)
         self.feature_dim = 64

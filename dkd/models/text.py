@@ -20,10 +20,12 @@ class NgramMLP(nn.Module):
     through the residual MLP (hidden width, depth blocks) to feature_dim features."""
 
     def __init__(self, vocab_size: int, context: int, embed_dim: int, hidden: int, depth: int,
-                 feature_dim: int, norm: str = "batch"):
+                 feature_dim: int, norm: str = "batch", inner: list[int] | None = None,
+                 gated: bool = False):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, embed_dim)
-        self.mlp = ResidualMLP(context * embed_dim, hidden, depth, feature_dim, norm)
+        self.mlp = ResidualMLP(context * embed_dim, hidden, depth, feature_dim, norm, inner,
+                               gated)
         self.context, self.feature_dim = context, feature_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
