@@ -8,7 +8,7 @@ export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test install clean docs gpu-check gpu-wheels text-experiment
+.PHONY: demo test install clean docs gpu-check gpu-wheels text-experiment search-experiment
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(STAMP)
 # The real-text benchmark (README, "Real text"): needs Debian's fortunes or DKD_TEXT_CORPUS.
 text-experiment: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash launch/text_experiment.sh
+
+# Student search on the synthetic default (README, "Student search").
+search-experiment: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash launch/search_experiment.sh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

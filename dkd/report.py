@@ -54,6 +54,10 @@ class RunData:
     proposal: list[dict[str, Any]] = field(default_factory=list)
     source: str = "metrics.jsonl"
     mode: str | None = None          # method.mode; it matters for the sampled methods only
+    arch: str | None = None          # model.arch (`searched`: a student dkd search exported)
+    flops: float = math.nan          # backbone FLOPs per sample (summary.json)
+    search: list[dict[str, Any]] = field(default_factory=list)   # `search` lines
+    loss: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss)
 
     @property
     def label(self) -> str:
@@ -149,6 +153,11 @@ def load_run(run_dir: str | Path) -> RunData:
         mode=pick("mode"))
     if (run_dir / "proposal.jsonl").is_file():
         run.proposal = read_jsonl(run_dir / "proposal.jsonl")
+    run.arch, run.flops = summary.get("arch"), _num(summary.get("backbone_flops"))
+    run.loss = [(s, _num(r.get("loss"))) for s, r in zip(steps, train)]
+    if source == "metrics.jsonl":
+        run.search = [r for r in read_jsonl(run_dir / "metrics.jsonl")
+                      if r.get("kind") == "search"]
     return run
 
 
@@ -252,6 +261,8 @@ def _blocks(runs: list[RunData], out_dir: Path, skip_steps: int) -> list[tuple]:
         plots.plot_proposal(run, out_dir / name)
         blocks += [("h2", f"Proposal over training: {run.name} ({run.label})"),
                    ("img", name, f"proposal over normalised rank, {run.name}")]
+    from dkd.report_search import search_blocks
+    blocks += search_blocks(runs, out_dir, _slug)
     blocks.append(("p", "Sources: " + "; ".join(f"`{r.dir}` ({r.source})" for r in runs)))
     return blocks
 

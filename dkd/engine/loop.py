@@ -222,7 +222,7 @@ def _train_from(p: TrainParts, cfg: RunConfig, run_dir: Path, point) -> None:
     start = point.state["step"] if point else 0
     clock = WallClock(point.state.get("wall_s", 0.0) if point else 0.0)
     sinks = make_sinks(run_dir, cfg.model_dump(mode="json"), cfg.wandb, p.ctx.is_rank0,
-                       skip_until=point.logged_until if point else 0)
+                       skip_until=point.logged_until if point else -1)
     try:
         last_saved, end = _run_steps(p, cfg, run_dir, sinks, start, clock)
         if p.search is not None:

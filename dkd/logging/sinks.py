@@ -221,7 +221,7 @@ class WandbSink(NullSink):
     def __init__(self, run_dir: str | Path, config: Mapping[str, Any],
                  project: str | None = None, mode: str = "offline", name: str | None = None,
                  entity: str | None = None, init_timeout_s: float = 20.0,
-                 skip_until: int = 0) -> None:
+                 skip_until: int = -1) -> None:
         self.run_dir = Path(run_dir)
         self.skip_until = skip_until  # steps a killed segment already logged (resume)
         self.mode = resolve_wandb_mode(mode, project)
@@ -323,7 +323,7 @@ class WandbSink(NullSink):
 
 
 def make_sinks(run_dir: str | Path, config_dict: Mapping[str, Any], wandb_cfg: Any = None,
-               is_rank0: bool = True, skip_until: int = 0) -> NullSink:
+               is_rank0: bool = True, skip_until: int = -1) -> NullSink:
     """Rank 0: JSONL (``<run_dir>/metrics.jsonl``) + W&B unless its mode is disabled.
     ``skip_until``: on resume, the last step already logged; W&B gets only later steps.
 
