@@ -139,3 +139,15 @@ def test_search_input_errors_are_clear(tmp_path, teacher_dir):
     proc = train_run(tmp_path, "st", "model.arch=searched", f"model.spec={spec_path}",
                      "model.spec_init=searched", "method.name=hard", check=False)
     assert proc.returncode == 2 and "does not match its weights" in proc.stderr
+
+
+def test_a_two_rank_search_follows_the_one_rank_search(tmp_path):
+    """Every rank takes the same gate step (the gate gradient averaged over ranks), so with
+    per-sample norms (none) two ranks prune exactly what one process prunes."""
+    sets = [*SEARCH_BASE(tmp_path), "search.loss=ce", "model.norm=none"]
+    run_cli(["search"], [*sets, "name=one"])
+    run_cli(["search"], [*sets, "name=two"], nproc=2)
+    one, two = summary(tmp_path / "one"), summary(tmp_path / "two")
+    assert two["world_size"] == 2 and two["steps"] == one["steps"]
+    assert two["search"]["widths"] == one["search"]["widths"]
+    assert two["top1"] == pytest.approx(one["top1"], abs=0.5)
