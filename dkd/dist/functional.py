@@ -157,3 +157,34 @@ def global_topk(score: torch.Tensor, k: int, start: int, group) -> torch.Tensor:
         val, idx = torch.cat(vals, 1), torch.cat(idxs, 1)
     top = val.topk(k, dim=1).indices
     return idx.gather(1, top)
+
+
+def gather_rows_to_host(x: torch.Tensor, group=None, chunk_rows: int = 65536
+                        ) -> torch.Tensor | None:
+    """Concatenate every rank's rows of ``x`` (a class shard) on rank 0's *host*; other
+    ranks get None. No rank ever holds the whole tensor on its device, and rank 0 holds it
+    once, in host memory: chunks of ``chunk_rows`` rows go point to point to rank 0.
+    Collectives: one all-gather of the row counts, then send / recv of each chunk."""
+    x = x.detach()
+    if group is None or dist.get_world_size(group) == 1:
+        return x.to("cpu", copy=True)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([x.shape[0]], device=x.device), group=group)
+    counts = [int(c) for c in counts]
+    out = torch.empty(sum(counts), *x.shape[1:], dtype=x.dtype) if rank == 0 else None
+    lo = 0
+    for src, n in enumerate(counts):
+        for c0 in range(0, n, chunk_rows):
+            m = min(chunk_rows, n - c0)
+            if src == 0 and rank == 0:
+                out[lo + c0:lo + c0 + m].copy_(x[c0:c0 + m])
+            elif rank == src:
+                dist.send(x[c0:c0 + m].contiguous(), dst=dist.get_global_rank(group, 0),
+                          group=group)
+            elif rank == 0:
+                buf = torch.empty(m, *x.shape[1:], dtype=x.dtype, device=x.device)
+                dist.recv(buf, src=dist.get_global_rank(group, src), group=group)
+                out[lo + c0:lo + c0 + m].copy_(buf)
+        lo += n
+    return out

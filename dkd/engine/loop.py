@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from dkd.config import SAMPLED_METHODS, ConfigError, ModelConfig, RunConfig
 from dkd.data import global_batch_indices, local_slice
-from dkd.dist.functional import gather_rows, gather_rows_nograd
+from dkd.dist.functional import gather_rows, gather_rows_nograd, gather_rows_to_host
 from dkd.engine import checkpoint as ckpt
 from dkd.engine.assemble import TrainParts, assemble, check_inputs
 from dkd.engine.distributed import DistContext, init_distributed
@@ -343,7 +343,7 @@ def _finish(p: TrainParts, cfg: RunConfig, run_dir: Path, metrics: dict, wall_s:
     """Export model.pt (full head gathered from the shards; for a search, the exported
     student) and write summary.json."""
     average_bn_stats(p.engine.module, p.ctx.group)
-    full_head = gather_rows_nograd(p.head.weight, p.ctx.group)
+    full_head = gather_rows_to_host(p.head.weight, p.ctx.group)   # rank 0's host only
     if not p.ctx.is_rank0:
         return
     check_finite_state({"head": full_head, **p.engine.module.state_dict()}, "model.pt")

@@ -42,6 +42,17 @@ def init_rows(start: int, end: int, dim: int, std: float, seed: int,
     return out
 
 
+def host_rows(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Rows [lo, hi) of ``t`` on the host with no second copy of the shard: a device tensor
+    is copied straight to host memory; a host tensor is used as is when the rows are all
+    of it (torch.save writes a view's whole storage, so a part is cloned)."""
+    rows = t[lo:hi]
+    if t.device.type != "cpu":
+        return rows.to("cpu")
+    whole = lo == 0 and hi == t.shape[0] and t.is_contiguous() and t.storage_offset() == 0
+    return rows if whole else rows.clone()
+
+
 class ShardedHead(nn.Module):
     """Rank ``s`` of ``P``'s rows [start, end) of a (num_classes, dim) linear head, no bias.
 
@@ -184,14 +195,15 @@ class ShardedHead(nn.Module):
                              f"{self.end} (this shard), got {start}, {end}")
         lo, hi = start - self.start, end - self.start
         piece = {"start": start, "end": end, "num_classes": self.num_classes,
-                 "weight": self.weight[lo:hi].clone()}
+                 "weight": host_rows(self.weight.detach(), lo, hi)}
         if optimizer is not None:
-            piece["optim"] = optimizer.rows_state(lo, hi)
+            piece["optim"] = {k: host_rows(v, lo, hi) for k, v in optimizer.state.items()}
             piece["optim_kind"] = optimizer.kind
         return piece
 
     def shard_state(self, optimizer: SparseRowOptimizer | None = None) -> dict:
-        """This whole shard as one piece keyed by its global class range."""
+        """This whole shard as one piece keyed by its global class range (host tensors that
+        may share memory with the shard: write them out before the next step)."""
         return self.state_for_range(self.start, self.end, optimizer)
 
     def _overlaps(self, pieces: list[dict]) -> list[tuple[dict, int, int]]:

@@ -1,0 +1,78 @@
+"""The class axis past one device: rank-0-only chunked export to host memory, checkpoint
+pieces copied straight to the host, one data permutation per epoch."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import train_run
+from dkd.data import global_batch_indices
+from dkd.dist.functional import gather_rows_to_host
+from dkd.head.head import ShardedHead, host_rows
+
+C, D = 23, 5   # uneven shards on 2 and 3 ranks
+
+
+def _worker(rank, world, port, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        head = ShardedHead(C, D, dist.group.WORLD, seed=3)
+        full = gather_rows_to_host(head.weight, dist.group.WORLD, chunk_rows=2)  # many chunks
+        if rank == 0:
+            queue.put(full.numpy())
+        else:
+            assert full is None
+    finally:
+        dist.destroy_process_group()
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_chunked_gather_to_rank0_host_equals_the_unsharded_head(world):
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), _port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got = torch.from_numpy(queue.get(timeout=120))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    want = ShardedHead(C, D, None, seed=3).weight.detach()   # one process: every row
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_host_rows_share_a_whole_host_shard_and_copy_a_part():
+    w = torch.randn(8, 3)
+    assert host_rows(w, 0, 8).data_ptr() == w.data_ptr()         # no second copy
+    part = host_rows(w, 2, 5)
+    assert part.data_ptr() != w.data_ptr() and torch.equal(part, w[2:5])
+
+
+def test_export_of_a_two_rank_run_is_the_concatenation_of_its_shards(tmp_path):
+    train_run(tmp_path, "r", "method.name=hard", "model.norm=layer", "train.steps=4", nproc=2)
+    ckpt = tmp_path / "r" / "checkpoints" / "step0000004"
+    pieces = [torch.load(f, weights_only=False) for f in sorted(ckpt.glob("head-*.pt"),
+                                                                 key=lambda f: int(f.name.split("-")[1]))]
+    assert [(p["start"], p["end"]) for p in pieces] == [(0, 10), (10, 20)]
+    model = torch.load(tmp_path / "r" / "model.pt", weights_only=False)
+    torch.testing.assert_close(model["head"], torch.cat([p["weight"] for p in pieces]),
+                               rtol=0, atol=0)
+
+
+def test_the_permutation_is_one_per_epoch_and_a_function_of_seed_and_step():
+    n, b = 50, 8
+    epoch0 = torch.cat([global_batch_indices(s, n, b, seed=1) for s in range(n // b)])
+    assert len(set(epoch0.tolist())) == len(epoch0)              # no repeats in an epoch
+    again = global_batch_indices(3, n, b, seed=1)
+    assert torch.equal(again, epoch0[3 * b:4 * b])
+    assert not torch.equal(global_batch_indices(n // b, n, b, seed=1), epoch0[:b])
