@@ -58,6 +58,7 @@ class RunData:
     flops: float = math.nan          # backbone FLOPs per sample (summary.json)
     search: list[dict[str, Any]] = field(default_factory=list)   # `search` lines
     loss: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss)
+    step_split: dict[str, float] = field(default_factory=dict)   # median ms per part of a step
 
     @property
     def label(self) -> str:
@@ -153,12 +154,41 @@ def load_run(run_dir: str | Path) -> RunData:
         mode=pick("mode"))
     if (run_dir / "proposal.jsonl").is_file():
         run.proposal = read_jsonl(run_dir / "proposal.jsonl")
+    run.step_split = step_split(train)
     run.arch, run.flops = summary.get("arch"), _num(summary.get("backbone_flops"))
     run.loss = [(s, _num(r.get("loss"))) for s, r in zip(steps, train)]
     if source == "metrics.jsonl":
         run.search = [r for r in read_jsonl(run_dir / "metrics.jsonl")
                       if r.get("kind") == "search"]
     return run
+
+
+# The parts of a step, from the timer's regions. The head update runs inside both the
+# softmax-layer and the optimizer regions, so it is counted once, in the softmax layer.
+STEP_PARTS = ("teacher", "backbone forward", "communication", "softmax layer",
+              "backbone backward", "backbone optimizer", "other")
+
+
+def step_split(train: list[dict]) -> dict[str, float]:
+    """Median ms per part of a step over the training lines (empty without timings)."""
+    parts: dict[str, list[float]] = {k: [] for k in STEP_PARTS}
+    for r in train:
+        g = lambda k: _num(r.get(k))
+        if not all(math.isfinite(g(k)) for k in ("iter_ms", "softmax_ms", "optimizer_ms")):
+            continue
+        head_update = max(0.0, g("softmax_ms") - _nz(g("softmax_fwd_ms")) - _nz(g("softmax_bwd_ms")))
+        row = {"teacher": _nz(g("teacher_ms")), "backbone forward": _nz(g("backbone_fwd_ms")),
+               "communication": _nz(g("comm_ms")), "softmax layer": g("softmax_ms"),
+               "backbone backward": _nz(g("backbone_bwd_ms")),
+               "backbone optimizer": max(0.0, g("optimizer_ms") - head_update)}
+        row["other"] = max(0.0, g("iter_ms") - sum(row.values()))
+        for k, v in row.items():
+            parts[k].append(v)
+    return {k: statistics.median(v) for k, v in parts.items() if v}
+
+
+def _nz(x: float) -> float:
+    return x if math.isfinite(x) else 0.0
 
 
 # --------------------------------------------------------------------------- numbers
@@ -251,6 +281,12 @@ def _blocks(runs: list[RunData], out_dir: Path, skip_steps: int) -> list[tuple]:
             if fn(group, out_dir / name, title=f"{alt} ({classes} classes)",
                   skip_steps=skip_steps):
                 blocks.append(("img", name, f"{alt}, {classes} classes"))
+    if plots.plot_step_split(runs, out_dir / "step_split.png"):
+        blocks += [("h2", "Where the time goes"), ("p", (
+            "Median ms of each part of a training step, per run (the timer's regions; the "
+            "head update is part of the softmax layer; other = iteration minus the parts). "
+            "When the softmax layer is a small part, it is no longer the bottleneck.")),
+            ("img", "step_split.png", "median step split into its parts, per run")]
     used: set[str] = set()
     for run in runs:
         if not run.proposal:

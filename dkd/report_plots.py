@@ -15,7 +15,8 @@ from matplotlib.figure import Figure
 if TYPE_CHECKING:
     from dkd.report import RunData
 
-__all__ = ["plot_softmax_ms", "plot_top1_vs_ms", "plot_top1_vs_k", "plot_proposal"]
+__all__ = ["plot_softmax_ms", "plot_top1_vs_ms", "plot_top1_vs_k", "plot_proposal",
+           "plot_step_split"]
 
 MAX_POINTS = 4000  # per curve; longer series are strided (a PNG cannot show more anyway)
 
@@ -167,4 +168,26 @@ def plot_proposal(run: "RunData", path: Path, max_curves: int = 12) -> bool:
     ax.set(xlabel="normalised teacher rank", ylabel="proposal probability",
            title=f"proposal over training: {run.name} ({run.label})")
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_step_split(runs: Sequence["RunData"], path: Path) -> bool:
+    """One horizontal stacked bar per run: its median step split into its parts."""
+    from dkd.report import STEP_PARTS
+
+    timed = [r for r in runs if r.step_split]
+    if not timed:
+        return False
+    fig = _figure(9.0, max(2.6, 1.2 + 0.35 * len(timed)))
+    ax = fig.add_subplot()
+    left = [0.0] * len(timed)
+    for i, part in enumerate(STEP_PARTS):
+        widths = [r.step_split.get(part, 0.0) for r in timed]
+        ax.barh(range(len(timed)), widths, left=left, color=f"C{i}", label=part)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.set_yticks(range(len(timed)), [r.name for r in timed], fontsize="small")
+    ax.invert_yaxis()
+    ax.set(xlabel="median ms per step", title="where the time of a step goes")
+    ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)

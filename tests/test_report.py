@@ -104,3 +104,13 @@ def test_report_draws_top1_against_k_and_shows_perplexity_and_ece(tmp_path):
     # One k per method: no curve to draw.
     only = write_report(runs[:3], tmp_path / "out1").read_text()
     assert not (tmp_path / "out1" / "top1_vs_k_C100.png").exists() and "top1_vs_k" not in only
+
+
+def test_step_split_counts_the_head_update_once():
+    from dkd.report import step_split
+    row = {"kind": "train", "iter_ms": 10.0, "teacher_ms": 1.0, "backbone_fwd_ms": 2.0,
+           "comm_ms": 0.5, "softmax_ms": 3.0, "softmax_fwd_ms": 1.0, "softmax_bwd_ms": 1.5,
+           "backbone_bwd_ms": 1.5, "optimizer_ms": 1.25}   # head update 0.5 inside both
+    split = step_split([row, {**row, "iter_ms": 12.0}, {**row, "iter_ms": 11.0}])
+    assert split["softmax layer"] == 3.0 and split["backbone optimizer"] == 0.75
+    assert split["other"] == pytest.approx(11.0 - (1 + 2 + 0.5 + 3 + 1.5 + 0.75))
