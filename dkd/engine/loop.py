@@ -7,6 +7,7 @@ backbone through the all-gather (engine) -> sparse head update -> engine step.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -132,8 +133,12 @@ def train_step(p: TrainParts, cfg: RunConfig, step: int, timer: RegionTimer) -> 
     """One optimizer step = grad_accum micro-batches, then the sparse head update."""
     gas, outs = cfg.dist.grad_accum, []
     # skip_step: the forward of a dropped step also moved the batch-norm running statistics
-    buffers = list(p.engine.module.buffers()) if cfg.train.on_nonfinite == "skip_step" else []
+    # (and a student prior its statistics): keep them to put back
+    keep = cfg.train.on_nonfinite == "skip_step"
+    buffers = list(p.engine.module.buffers()) if keep else []
     saved = [b.clone() for b in buffers]
+    prior = p.layer.student_prior if keep else None
+    prior_state = copy.deepcopy(prior.state_dict()) if prior is not None else None
     for i in range(gas):   # the last micro-batch's flags decide for the step (skip_step)
         skip = any(o["nonfinite"] for o in outs)
         outs.append(micro_step(p, cfg, step * gas + i, timer, skip=skip))
@@ -143,6 +148,8 @@ def train_step(p: TrainParts, cfg: RunConfig, step: int, timer: RegionTimer) -> 
             p.head.discard_grads()
             for b, v in zip(buffers, saved):
                 b.copy_(v)
+            if prior is not None:
+                prior.load_state_dict(prior_state)
         else:
             p.head.apply_grads(p.head_opt, lr=head_lr(p.lr, cfg.optim), clock=step + 1)
     if p.layer.proposal is not None:
