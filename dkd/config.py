@@ -140,6 +140,11 @@ class TeacherConfig(_Section):
     store: Optional[str] = None
     """Soft-label store directory: written by `dkd relabel`, read by training instead of
     running the teacher (then `checkpoint` is only needed by kd_sim, for the head weight)."""
+    sharded: bool = False
+    """Split the live teacher's head over ranks by the student's class ranges: each rank
+    keeps and computes only its classes' teacher logits (top-K and log-sum-exp merged
+    across ranks, the KD target from the blocks); the full C x d_t head is never resident.
+    For kd and the sampled methods (uniform, ftis, dis) with `checkpoint`, not `store`."""
     allow_topk_completion: bool = False
     """Let full-softmax methods (kd, kd_pt, kd_topk, pdbs, ...) train from a top-K store,
     using the KD-topk completion (the remaining mass spread evenly) for the other classes."""

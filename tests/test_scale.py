@@ -76,3 +76,34 @@ def test_the_permutation_is_one_per_epoch_and_a_function_of_seed_and_step():
     again = global_batch_indices(3, n, b, seed=1)
     assert torch.equal(again, epoch0[3 * b:4 * b])
     assert not torch.equal(global_batch_indices(n // b, n, b, seed=1), epoch0[:b])
+
+
+def _losses(run):
+    from conftest import read_metrics
+    return [m["loss"] for m in read_metrics(run) if m["kind"] == "train"]
+
+
+@pytest.mark.parametrize("method", [["method.name=kd"],
+                                    ["method.name=dis", "method.k=5", "method.mode=per_sample",
+                                     "method.sampling_topk=8"],
+                                    ["method.name=dis", "method.k=5", "method.mode=hybrid",
+                                     "method.sampling_topk=8",
+                                     "method.exact_teacher_columns=false"]],
+                         ids=["kd-blocks", "dis-topk-exact", "dis-topk-completion"])
+def test_the_class_sharded_teacher_gives_the_one_process_trajectory(tmp_path, teacher_dir,
+                                                                    method):
+    """Its top-K, log-sum-exp, exact columns and KD blocks merge to the whole teacher's:
+    2 and 3 ranks (classes 10/10 and 7/7/6) follow the unsharded single process."""
+    sets = [*method, f"teacher.checkpoint={teacher_dir}", "model.norm=layer",
+            "train.steps=8"]
+    train_run(tmp_path, "one", *sets)
+    want = _losses(tmp_path / "one")
+    for world in (2, 3):
+        train_run(tmp_path, f"s{world}", *sets, "teacher.sharded=true", nproc=world)
+        assert _losses(tmp_path / f"s{world}") == pytest.approx(want, rel=1e-4), world
+
+
+def test_the_sharded_teacher_refuses_what_it_cannot_serve(tmp_path, teacher_dir):
+    proc = train_run(tmp_path, "x", "method.name=kd_pt", f"teacher.checkpoint={teacher_dir}",
+                     "teacher.sharded=true", check=False)
+    assert proc.returncode == 2 and "needs the whole teacher on every rank" in proc.stderr

@@ -144,10 +144,16 @@ def global_topk(score: torch.Tensor, k: int, start: int, group) -> torch.Tensor:
     """
     kk = min(k, score.shape[1])
     val, idx = score.topk(kk, dim=1)
-    idx = idx + start
+    return merge_topk(val, idx + start, k, group)[1]
+
+
+def merge_topk(val: torch.Tensor, idx: torch.Tensor, k: int, group
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values (B, k) descending, global ids (B, k)) of the best of every rank's candidates
+    (val, idx (B, k_r), k_r <= k, global ids). Collectives: two all-gathers of (B, k)."""
     if group is not None and dist.get_world_size(group) > 1:
         world = dist.get_world_size(group)
-        pad = k - kk
+        pad = k - val.shape[1]
         if pad:
             val = torch.cat([val, val.new_full((val.shape[0], pad), float("-inf"))], 1)
             idx = torch.cat([idx, idx.new_zeros((idx.shape[0], pad))], 1)
@@ -155,8 +161,8 @@ def global_topk(score: torch.Tensor, k: int, start: int, group) -> torch.Tensor:
         dist.all_gather(vals, val.contiguous(), group=group)
         dist.all_gather(idxs, idx.contiguous(), group=group)
         val, idx = torch.cat(vals, 1), torch.cat(idxs, 1)
-    top = val.topk(k, dim=1).indices
-    return idx.gather(1, top)
+    top_val, top = val.topk(k, dim=1)
+    return top_val, idx.gather(1, top)
 
 
 def gather_rows_to_host(x: torch.Tensor, group=None, chunk_rows: int = 65536

@@ -88,7 +88,7 @@ def check_inputs(cfg: RunConfig, ctx: DistContext) -> tuple[DataBundle, Any]:
     k = cfg.method.k
     if k is not None and k >= data.num_classes:
         raise ConfigError(f"method.k = {k} must be < the dataset's {data.num_classes} classes")
-    return data, build_teacher(cfg, data, ctx.device)
+    return data, build_teacher(cfg, data, ctx.device, ctx)
 
 
 def assemble(cfg: RunConfig, ctx: DistContext, data: DataBundle, teacher,

@@ -39,6 +39,7 @@ from dkd.search.flops import count_flops
 from dkd.sampling.teacher_batch import TopKTeacher, completion_logit
 from dkd.profiling.trace import maybe_profile
 from dkd.teacher.live import export_model
+from dkd.teacher.sharded import ShardedTeacher, sharded_teacher_batch
 
 
 def maybe_inject_fault(step: int, rank: int) -> None:
@@ -68,8 +69,15 @@ def micro_step(p: TrainParts, cfg: RunConfig, micro: int, timer: RegionTimer,
     x, y = p.data.train.get(local_ids)
     x, y = maybe_inject_nan(x.to(ctx.device), micro // gas), y.to(ctx.device)
     K = p.layer.teacher_topk  # sampled methods at large C need only the teacher's top-K
+    sizes = [len(range(len(ids))[local_slice(len(ids), ctx.world, r)]) for r in range(ctx.world)]
+    sharded = isinstance(p.teacher, ShardedTeacher)
     with timer.region("teacher"):
-        if p.teacher is None:
+        if sharded:   # already the global batch: no gather of teacher data below
+            t_g = sharded_teacher_batch(p.teacher, x, sizes, K or (
+                p.data.num_classes if cfg.method.name in SAMPLED_METHODS else 0),
+                cfg.method.exact_teacher_columns)
+            t_local = None
+        elif p.teacher is None:
             t_local = None
         elif K:
             ids_k, val_k, lse_k, f_k = p.teacher.topk(x, local_ids, K)
@@ -81,11 +89,10 @@ def micro_step(p: TrainParts, cfg: RunConfig, micro: int, timer: RegionTimer,
             t_local = p.teacher.logits(x, local_ids)
     with timer.region("backbone_fwd"):
         f_local = p.engine(x if p.data.task == "text" else x.to(p.dtype))
-    sizes = [len(range(len(ids))[local_slice(len(ids), ctx.world, r)]) for r in range(ctx.world)]
     with timer.region("comm"):
         feats = gather_rows(f_local, group, float(ctx.world), sizes)    # (B, d)
         y_g = gather_rows_nograd(y, group, sizes)
-        t_g = t_local
+        t_g = t_g if sharded else t_local
         if isinstance(t_local, tuple):
             ids_g, val_g, lse_g, rest_g, *f_g = (gather_rows_nograd(t, group, sizes)
                                                  for t in t_local)

@@ -23,7 +23,6 @@ import torch
 from dkd.config import MethodConfig, SAMPLED_METHODS
 from dkd.dist.functional import all_reduce_sum, global_topk, group_rank, group_size, logsumexp
 from dkd.engine.sync import check_sample_sync
-from dkd.head.kernels import column_logits
 from dkd.head.shard import shard_bounds
 from dkd.losses import targets as tg
 from dkd.losses.sampled import sampled_kd_loss
@@ -35,7 +34,7 @@ from dkd.sampling.proposals import Proposal, build_proposal, teacher_ranking
 from dkd.sampling.refit import probe_ranks, refit
 from dkd.sampling.rng import draw_key
 from dkd.sampling.sample_set import SampleSet
-from dkd.sampling.teacher_batch import TopKTeacher
+from dkd.sampling.teacher_batch import BlockTeacher, TopKTeacher
 
 
 def build_method_proposal(cfg: MethodConfig, total_steps: int) -> Proposal | None:
@@ -133,9 +132,12 @@ class SoftmaxLayer:
             out = self._pdbs(feats, head, y, teacher.dense(), lam, T)
         else:
             z = head.logits_full(feats)                              # (B, C_local)
-            dense = None if teacher is None else teacher.dense()
-            p = teacher_target(self.full_cfg, dense, teacher_weight, y, self.C)
-            p = None if p is None else p[:, self.start:self.end]
+            if isinstance(teacher, BlockTeacher):    # kd from a class-sharded teacher
+                p = softmax_probs(teacher.block.double() / T, self.group).to(z.dtype)
+            else:
+                dense = None if teacher is None else teacher.dense()
+                p = teacher_target(self.full_cfg, dense, teacher_weight, y, self.C)
+                p = None if p is None else p[:, self.start:self.end]
             terms = full_kd_terms(z, p, y if lam < 1 else None, T, self.group, self.start)
             out = mix(terms, lam, T)
             out["n_sampled"] = self.C
@@ -169,7 +171,7 @@ class SoftmaxLayer:
                                workspace=self.workspace, teacher_logits=not teacher.exact,
                                prior=self._prior_on(y.device))
         if teacher.exact:   # the teacher's own logits, not the top-K completion
-            a = column_logits(teacher.feats, teacher.head, s.classes).to(teacher.logits.dtype)
+            a = teacher.column_logits(s.classes)
         return s, a
 
     def _prior_on(self, device):

@@ -52,6 +52,8 @@ class TopKTeacher:
     # column (``column_logits``), so a top-K teacher needs no completion at sampled columns.
     feats: torch.Tensor | None = field(default=None, repr=False)
     head: torch.Tensor | None = field(default=None, repr=False)
+    # A class-sharded teacher's exact logits: cols -> (B, n) logits (one all-reduce).
+    columns: object = field(default=None, repr=False)
     ranked: bool = True   # False: ids are not sorted by logit (a dense teacher as given)
     _sorted: "TopKTeacher | None" = field(default=None, init=False, repr=False)
 
@@ -150,8 +152,15 @@ class TopKTeacher:
     @property
     def exact(self) -> bool:
         """Whether the teacher's own logit at any column can be computed (features and
-        head: :func:`dkd.head.kernels.column_logits`)."""
-        return self.feats is not None and self.head is not None
+        head: :func:`dkd.head.kernels.column_logits`, or a class-sharded teacher's)."""
+        return self.columns is not None or (self.feats is not None and self.head is not None)
+
+    def column_logits(self, cols: torch.Tensor) -> torch.Tensor:
+        """The teacher's exact logits at ``cols`` ((n,) or (B, n)); needs :attr:`exact`."""
+        if self.columns is not None:
+            return self.columns(cols).to(self.logits.dtype)
+        from dkd.head.kernels import column_logits
+        return column_logits(self.feats, self.head, cols).to(self.logits.dtype)
 
     def target_position(self, y: torch.Tensor) -> torch.Tensor:
         """(B,) long column of y_b in the row's top-K, K where absent (fixed shape: one
@@ -163,4 +172,14 @@ class TopKTeacher:
         return torch.where(best > 0, K - best, K)
 
 
-__all__ = ["TopKTeacher", "completion_logit"]
+@dataclass(eq=False)
+class BlockTeacher:
+    """A class-sharded dense teacher: this rank's (B, C_local) block of the teacher logits
+    (classes [start, start + C_local)); the KD target's softmax runs over the blocks of
+    all ranks with the distributed log-sum-exp, so no (B, C) tensor exists."""
+
+    block: torch.Tensor
+    start: int
+
+
+__all__ = ["TopKTeacher", "BlockTeacher", "completion_logit"]

@@ -53,14 +53,17 @@ def _open_store(cfg: RunConfig, num_samples: int, num_classes: int) -> SoftLabel
     return store
 
 
-def build_teacher(cfg: RunConfig, data, device: torch.device):
-    """The run's teacher, or None for teacher-free methods; refuses what cannot work."""
+def build_teacher(cfg: RunConfig, data, device: torch.device, ctx=None):
+    """The run's teacher, or None for teacher-free methods; refuses what cannot work.
+    ``ctx`` (the DistContext): where a class-sharded teacher (teacher.sharded) splits."""
     t = cfg.teacher
     if cfg.method.name in TEACHER_FREE_METHODS:
         return None
     if t.checkpoint is None and t.store is None:
         raise ConfigError(f"method {cfg.method.name!r} needs a teacher: set teacher.checkpoint "
                           "to a teacher run directory (or teacher.store to a soft-label store)")
+    if t.sharded:
+        return _sharded(cfg, data, device, ctx)
     live = LiveTeacher(t.checkpoint, data.num_classes, data.input_dim, device,
                        **data.backbone_kwargs()) if t.checkpoint is not None else None
     if t.store is None:
@@ -70,3 +73,23 @@ def build_teacher(cfg: RunConfig, data, device: torch.device):
                           "teacher.checkpoint as well as teacher.store")
     return StoreTeacher(_open_store(cfg, len(data.train), data.num_classes),
                         live.head_weight if live else None, device)
+
+
+def _sharded(cfg: RunConfig, data, device, ctx):
+    from dkd.head.shard import shard_range
+    from dkd.teacher.sharded import SHARDED_TEACHER_METHODS, ShardedTeacher
+    if cfg.teacher.store is not None or cfg.teacher.checkpoint is None:
+        raise ConfigError("teacher.sharded: shards a live teacher; set teacher.checkpoint and "
+                          "not teacher.store (a store is already read by sample, not by class)")
+    if cfg.method.name not in SHARDED_TEACHER_METHODS:
+        raise ConfigError(f"teacher.sharded: method {cfg.method.name!r} needs the whole teacher "
+                          f"on every rank; the class-sharded teacher serves "
+                          f"{', '.join(SHARDED_TEACHER_METHODS)}")
+    if cfg.method.dis_refit_every:
+        raise ConfigError("teacher.sharded: method.dis_refit_every probes dense teacher rows; "
+                          "set it to 0")
+    world, rank = (ctx.world, ctx.rank) if ctx is not None else (1, 0)
+    start, end = shard_range(data.num_classes, world, rank)
+    return ShardedTeacher(cfg.teacher.checkpoint, data.num_classes, data.input_dim, device,
+                          start, end, ctx.group if ctx is not None else None,
+                          **data.backbone_kwargs())
