@@ -107,3 +107,25 @@ def test_the_sharded_teacher_refuses_what_it_cannot_serve(tmp_path, teacher_dir)
     proc = train_run(tmp_path, "x", "method.name=kd_pt", f"teacher.checkpoint={teacher_dir}",
                      "teacher.sharded=true", check=False)
     assert proc.returncode == 2 and "needs the whole teacher on every rank" in proc.stderr
+
+
+def test_relabel_with_the_sharded_teacher_on_2_ranks_writes_the_1_rank_store(tmp_path,
+                                                                              teacher_dir):
+    import numpy as np
+    from conftest import TINY, run_cli
+    base = [*TINY, f"out_dir={tmp_path}", f"teacher.checkpoint={teacher_dir}",
+            "teacher.store_topk=6", "teacher.store_full_threshold=10", "teacher.store_features=false"]
+    run_cli(["relabel", "--batch-size", "100"], [*base, f"teacher.store={tmp_path / 'one'}"])
+    run_cli(["relabel", "--batch-size", "100"], [*base, f"teacher.store={tmp_path / 'two'}",
+                                                 "teacher.sharded=true"], nproc=2)
+    one, two = sorted((tmp_path / "one").glob("shard-*.npy")), sorted((tmp_path / "two").glob("shard-*.npy"))
+    assert [f.name for f in one] == [f.name for f in two] and one
+    for a, b in zip(one, two):
+        x, y = np.load(a), np.load(b)
+        if a.name.endswith(".ids.npy"):
+            assert (x == y).mean() > 0.99, a.name    # ties may order differently
+        else:
+            np.testing.assert_allclose(y.astype(np.float64), x.astype(np.float64),
+                                       rtol=2e-3, atol=2e-3, err_msg=a.name)
+    # training from the sharded store works as from the other
+    train_run(tmp_path, "st", "method.name=dis", "method.k=4", f"teacher.store={tmp_path / 'two'}")

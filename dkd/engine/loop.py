@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -358,6 +359,11 @@ def _finish(p: TrainParts, cfg: RunConfig, run_dir: Path, metrics: dict, wall_s:
     student) and write summary.json."""
     average_bn_stats(p.engine.module, p.ctx.group)
     full_head = gather_rows_to_host(p.head.weight, p.ctx.group)   # rank 0's host only
+    rss = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]   # MiB (Linux: KiB)
+    if p.ctx.world > 1:
+        rss = [None] * p.ctx.world
+        dist.all_gather_object(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                               group=p.ctx.group)
     if not p.ctx.is_rank0:
         return
     check_finite_state({"head": full_head, **p.engine.module.state_dict()}, "model.pt")
@@ -375,6 +381,7 @@ def _finish(p: TrainParts, cfg: RunConfig, run_dir: Path, metrics: dict, wall_s:
                "steps": end, "planned_steps": cfg.train.steps, **metrics,
                "wall_s": round(wall_s, 3), "world_size": p.ctx.world,
                "teacher": cfg.teacher.checkpoint, "teacher_store": cfg.teacher.store,
-               "arch": cfg.model.arch, "backbone_flops": count_flops(net, example), **extra}
+               "arch": cfg.model.arch, "backbone_flops": count_flops(net, example),
+               "peak_rss_mib": [round(r, 1) for r in rss], **extra}
     atomic_write_json(run_dir / "summary.json", summary)
     print(json.dumps(summary), flush=True)

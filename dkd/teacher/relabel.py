@@ -288,6 +288,7 @@ def _all_ranks(group, what: str, fn: Callable[[], object]) -> None:
 def _write_shards(teacher, split, writer: StoreWriter, shards: range, batch_size: int,
                   device: torch.device, log: Callable[[str], None] | None) -> None:
     plan = writer.plan
+    sharded = getattr(teacher, "encode_rows", None) is not None   # a class-sharded teacher
     for i in shards:
         if writer.shard_done(i):
             if log:
@@ -297,6 +298,11 @@ def _write_shards(teacher, split, writer: StoreWriter, shards: range, batch_size
         bufs = writer.empty_shard(i)
         for b0 in range(start, stop, batch_size):
             b1 = min(b0 + batch_size, stop)
+            if sharded:   # every rank runs its rows of every batch; rank 0 writes
+                rows = teacher.encode_rows(split, b0, b1, plan, device)
+                for role, arr in (rows or {}).items():
+                    bufs[role][b0 - start:b1 - start] = arr
+                continue
             x, _ = split.get(torch.arange(b0, b1))
             if plan.features:     # logits from the features, as the training path does
                 f = teacher.features(x.to(device))
@@ -308,7 +314,8 @@ def _write_shards(teacher, split, writer: StoreWriter, shards: range, batch_size
                                  f"{b1 - b0} samples")
             for role, arr in rows.items():
                 bufs[role][b0 - start:b1 - start] = arr
-        writer.write_shard(i, bufs)
+        if not sharded or group_rank(teacher.group) == 0:
+            writer.write_shard(i, bufs)
         if log:
             log(f"relabel: shard {i + 1}/{plan.num_shards} written (samples [{start}, {stop}))")
 
@@ -349,7 +356,13 @@ def relabel(teacher, split, out_dir: str | Path, *, num_classes: int, topk: int 
     device = device if device is not None else _teacher_device(teacher)
     _all_ranks(group, "preparing the output directory",
                lambda: writer.prepare(overwrite) if rank == 0 else None)
-    mine = rank_shards(plan.num_shards, world, rank)
+    if getattr(teacher, "encode_rows", None) is not None:
+        if layout != "topk" or d_t:
+            raise ValueError("a class-sharded teacher writes top-K stores without features "
+                             f"(got layout {layout!r}{', features' if d_t else ''})")
+        mine = range(plan.num_shards)   # all ranks on every shard, each on its rows
+    else:
+        mine = rank_shards(plan.num_shards, world, rank)
     _all_ranks(group, "writing shards",
                lambda: _write_shards(teacher, split, writer, mine, batch_size, device, log))
     _all_ranks(group, "writing the manifest", lambda: writer.finalize(

@@ -81,6 +81,36 @@ class ShardedTeacher:
             dist.all_reduce(out, group=self.group)
         return out
 
+    @torch.no_grad()
+    def encode_rows(self, split, b0: int, b1: int, plan, device) -> dict | None:
+        """`dkd relabel` with the class-sharded teacher: the top-K store rows of samples
+        [b0, b1) (ids, logits, lse, tail_lse), on rank 0 (None elsewhere). This rank feeds its
+        rows of the batch; the top-K, the log-sum-exp and the tail's log-sum-exp are merged
+        across shards (collectives: as :meth:`topk`, plus one all-gather of (B,))."""
+        from dkd.data import local_slice
+        from dkd.dist.functional import group_rank, group_size
+        from dkd.teacher.select import row_topk
+
+        n, world = b1 - b0, group_size(self.group)
+        mine = torch.arange(b0, b1)[local_slice(n, world, group_rank(self.group))]
+        sizes = [len(range(n)[local_slice(n, world, r)]) for r in range(world)]
+        x, _ = split.get(mine)
+        f = self.features(x.to(device), sizes)
+        z = self.block(f)                                                  # (B, C_local)
+        kk = min(plan.k, z.shape[1])
+        vals, ids = row_topk(z, kk)
+        vals, ids = merge_topk(vals, ids + self.start, plan.k, self.group)
+        lse = shard_lse(z.logsumexp(1), self.group)
+        own = (ids >= self.start) & (ids < self.end)
+        hits = torch.zeros(z.shape, dtype=torch.int32, device=z.device)
+        hits.scatter_add_(1, torch.where(own, ids - self.start, 0), own.int())  # this shard's top-K
+        tail = shard_lse(z.masked_fill(hits > 0, float("-inf")).logsumexp(1), self.group)
+        if group_rank(self.group) != 0:
+            return None
+        return {"ids": ids.cpu().numpy().astype(plan.ids_dtype),
+                "logits": vals.to(getattr(torch, plan.logits_dtype)).cpu().numpy(),
+                "lse": lse.cpu().numpy(), "tail_lse": tail.cpu().numpy()}
+
 
 def shard_lse(lse: torch.Tensor, group) -> torch.Tensor:
     """(B,) log-sum-exp over all classes from each shard's (B,) log-sum-exp."""
