@@ -143,15 +143,17 @@ def test_resume_after_a_torn_metrics_line_with_one_wandb_run(tmp_path):
 
 
 def test_resume_of_a_finished_run_touches_nothing(tmp_path):
-    train_run(tmp_path, "f", "method.name=hard", "train.steps=4", "wandb.mode=offline")
+    # eval_every divides steps: still one final evaluation line
+    train_run(tmp_path, "f", "method.name=hard", "train.steps=4", "wandb.mode=offline",
+              "train.eval_every=2")
     run = tmp_path / "f"
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     proc = train_run(tmp_path, "f", "method.name=hard", "train.steps=4", "wandb.mode=offline",
-                     extra=["--resume"])
+                     "train.eval_every=2", extra=["--resume"])
     assert "is finished (step 4 of 4); nothing to do" in proc.stderr
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
     evals = [m for m in read_metrics(run) if m["kind"] == "eval"]
-    assert len(evals) == 1
+    assert [m["step"] for m in evals] == [2, 4]
 
 
 def _children(pid: int) -> list[int]:

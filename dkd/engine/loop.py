@@ -307,7 +307,9 @@ def _run_steps(p: TrainParts, cfg: RunConfig, run_dir: Path, sinks, start_step: 
                          "open": f"{found['search/open_frac']:.1%}"}
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 bar.update(step, loss=m["loss"], softmax_ms=m["softmax_ms"], **shown)
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0:
+            # (the last step's evaluation is the final one, after the loop: not twice)
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 \
+                    and done < cfg.train.steps:
                 sinks.log(_eval_line(_eval(p, cfg), done), step=done)
             if cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0:
                 _save(p, run_dir, done, clock)
