@@ -367,7 +367,8 @@ class WandbConfig(_Section):
 class SearchConfig(_Section):
     enabled: bool = False
     """Student search (`dkd search` sets it): gate the inner units of every residual block
-    of `model` (the teacher-sized space), push gates to zero, export the open sub-network."""
+    of `model` (mlp, ngram_mlp, resnet32; a transformer's feed-forward units), push gates to
+    zero, export the open sub-network."""
     target_flops: float = Field(0.25, gt=0)
     """Stop when the open sub-network's backbone FLOPs per sample reach this: a fraction
     of the starting network's when <= 1, else absolute FLOPs."""
@@ -420,7 +421,8 @@ class RunConfig(_Section):
                              "or search.loss = ce for plain pruning")
         if self.search.enabled and self.model.arch == "searched":
             raise ValueError("search.enabled: search starts from a teacher-sized model.arch "
-                             "(mlp, ngram_mlp, resnet32), not from a searched student")
+                             "(mlp, ngram_mlp, resnet32, transformer), not from a searched "
+                             "student")
         if self.train.on_nonfinite == "skip_step" and (self.dist.zero_stage > 0
                                                        or self.dist.precision != "fp32"):
             raise ValueError("train.on_nonfinite = skip_step needs dist.zero_stage = 0 and "

@@ -61,14 +61,20 @@ def test_flops_saved_per_unit_of_the_mlp_is_measured():
     assert saved == [2 * 2 * 16, 2 * 2 * 16]     # one inner unit: a row in, a column out
 
 
-@pytest.mark.parametrize("arch", ["mlp", "resnet32"])
+@pytest.mark.parametrize("arch", ["mlp", "resnet32", "transformer"])
 def test_exported_network_equals_the_gated_one(arch):
+    """In eval mode under no_grad, as evaluation runs (torch's fused transformer path would
+    skip a feed-forward gate: the gated layer must not take it)."""
     torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch, hidden=12, depth=3, feature_dim=8)
+    cfg = ModelConfig(arch=arch, hidden=12, depth=3, feature_dim=8, embed_dim=16, layers=2,
+                      heads=2)
     shape = (3, 8, 8) if arch == "resnet32" else None
     in_dim = 3 * 8 * 8 if arch == "resnet32" else 6
-    gated = build_backbone(cfg, in_dim, shape, gated=True)
-    x = torch.randn(16, *(shape or (in_dim,)))
+    kw = {"vocab_size": 30} if arch == "transformer" else {}
+    gated = build_backbone(cfg, in_dim, shape, gated=True, **kw)
+    build_plain = lambda widths=None: build_backbone(cfg, in_dim, shape, inner=widths, **kw)
+    x = (torch.randint(0, 30, (16, in_dim)) if arch == "transformer"
+         else torch.randn(16, *(shape or (in_dim,))))
     gated.train()
     for _ in range(3):                  # non-trivial batch-norm statistics
         gated(x)
@@ -80,11 +86,11 @@ def test_exported_network_equals_the_gated_one(arch):
             b.gate.g.copy_(g)
         gated_blocks(gated)[0].gate.g.zero_()      # a block with every gate closed
     keeps = keep_indices([b.gate.g for b in gated_blocks(gated)])
-    plain = build_backbone(cfg, in_dim, shape, inner=[len(k) for k in keeps]).eval()
+    plain = build_plain([len(k) for k in keeps]).eval()
     copy_pruned(gated, plain, keeps)
     with torch.no_grad():
         torch.testing.assert_close(plain(x), gated(x), atol=1e-5, rtol=1e-5)
-    assert count_flops(plain, x[:1]) < count_flops(build_backbone(cfg, in_dim, shape), x[:1])
+    assert count_flops(plain, x[:1]) < count_flops(build_plain(), x[:1])
 
 
 SEARCH = ["model.hidden=32", "model.depth=2", "data.train_size=1024", "train.steps=200",
@@ -151,3 +157,20 @@ def test_a_two_rank_search_follows_the_one_rank_search(tmp_path):
     assert two["world_size"] == 2 and two["steps"] == one["steps"]
     assert two["search"]["widths"] == one["search"]["widths"]
     assert two["top1"] == pytest.approx(one["top1"], abs=0.5)
+
+
+def test_a_search_resumes_with_its_gate_state_and_the_kl0_variant_runs(tmp_path):
+    sets = [*SEARCH_BASE(tmp_path), "name=r", "search.loss=ce", "search.penalty=0.01",
+            "train.steps=10", "train.ckpt_every=5"]
+    run_cli(["search"], sets)
+    state = torch.load(tmp_path / "r" / "checkpoints" / "step0000010" / "state.pt",
+                       weights_only=False)["search"]
+    assert state["opt"]["k"] == 10 and len(state["opt"]["sparse"]) == 2
+    run_cli(["search", "--resume"], [f"out_dir={tmp_path}", "name=r", "train.steps=15"])
+    lines = [m for m in read_metrics(tmp_path / "r") if m["kind"] == "search"]
+    assert [m["step"] for m in lines] == [5, 10, 15]
+    s = summary(tmp_path / "r")
+    assert s["steps"] == 15 and (tmp_path / "r" / "student.yaml").is_file()
+    run_cli(["search"], [*SEARCH_BASE(tmp_path), "name=kl0", "search.loss=ce",
+                         "search.kl_target=0.5", "train.steps=10"])
+    assert summary(tmp_path / "kl0")["search"]["widths"]

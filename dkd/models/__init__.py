@@ -48,10 +48,10 @@ def _ngram(cfg, in_dim, shape, vocab, **search):
                     cfg.feature_dim, cfg.norm, **search)
 
 
-def _transformer(cfg, in_dim, shape, vocab):
+def _transformer(cfg, in_dim, shape, vocab, **search):
     from dkd.models.text import TinyTransformer
     body = TinyTransformer(_vocab(cfg, vocab), in_dim, cfg.embed_dim, cfg.layers, cfg.heads,
-                           cfg.causal, cfg.pooling)
+                           cfg.causal, cfg.pooling, **search)
     return Backbone(body, cfg.embed_dim, cfg.feature_dim, cfg.norm)
 
 
@@ -88,8 +88,8 @@ _REGISTRY: dict[str, Builder] = {
 
 
 # Architectures whose channels student search can gate and remove (dkd/search/space.py):
-# the inner units of every residual block.
-GATEABLE = ("mlp", "ngram_mlp", "resnet32")
+# the inner units of every residual block (the transformer's: its feed-forward units).
+GATEABLE = ("mlp", "ngram_mlp", "resnet32", "transformer")
 
 
 def build_backbone(cfg: ModelConfig, input_dim: int, input_shape: Optional[Sequence[int]] = None,

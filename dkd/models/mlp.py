@@ -15,11 +15,14 @@ class Gate(nn.Module):
     """A scalar gate per channel (dim 1 of its input): ``x * g``. A gate at exactly 0
     closes its channel, which student search then removes (`dkd/search/`)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, channel_last: bool = False):
         super().__init__()
         self.g = nn.Parameter(torch.ones(channels))
+        self.channel_last = channel_last   # (B, n, channels) token features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channel_last:
+            return x * self.g
         return x * self.g.view(-1, *([1] * (x.dim() - 2)))
 
 

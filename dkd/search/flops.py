@@ -11,13 +11,16 @@ from torch.utils.flop_counter import FlopCounterMode
 @torch.no_grad()
 def count_flops(module: torch.nn.Module, example: torch.Tensor) -> int:
     """Forward FLOPs of ``module`` on ``example`` (one sample, batch dim included)."""
-    was = module.training
+    was, fused = module.training, torch.backends.mha.get_fastpath_enabled()
     module.eval()
+    # why: torch's fused transformer inference kernel is one opaque op the counter misses
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with FlopCounterMode(display=False) as counter:
             module(example)
     finally:
         module.train(was)
+        torch.backends.mha.set_fastpath_enabled(fused)
     return int(counter.get_total_flops())
 
 

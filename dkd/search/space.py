@@ -55,12 +55,12 @@ def copy_pruned(src: nn.Module, dst: nn.Module, keeps: list[torch.Tensor]) -> No
         p2.weight.copy_(p1.weight[keep])
         if p1.bias is not None:
             p2.bias.copy_(p1.bias[keep])
-        for name in ("weight", "bias", "running_mean", "running_var"):
+        for name in ("weight", "bias", "running_mean", "running_var") if n1 is not None else ():
             if getattr(n1, name, None) is not None:
                 getattr(n2, name).copy_(getattr(n1, name)[keep])
         if getattr(n1, "num_batches_tracked", None) is not None:
             n2.num_batches_tracked.copy_(n1.num_batches_tracked)
-        c2.weight.copy_(c1.weight[:, keep] * _shape_g(g, c1.weight))
+        c2.weight.copy_(c1.weight[:, keep] * _shape_g(g.to(c1.weight.dtype), c1.weight))
         if c1.bias is not None:
             c2.bias.copy_(c1.bias)
 
@@ -79,7 +79,7 @@ def check_searchable(model: ModelConfig) -> None:
     if model.arch not in GATEABLE:
         raise ConfigError(f"search: model.arch {model.arch!r} has no gateable layers; student "
                           f"search supports {', '.join(GATEABLE)}")
-    if model.norm == "layer":
+    if model.norm == "layer" and model.arch in ("mlp", "ngram_mlp"):
         raise ConfigError("search: model.norm = layer cannot be pruned exactly (its statistics "
                           "span the removed units); use batch or none")
 
