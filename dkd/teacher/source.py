@@ -41,7 +41,7 @@ class StoreTeacher:
 def _open_store(cfg: RunConfig, num_samples: int, num_classes: int) -> SoftLabelStore:
     store = SoftLabelStore(cfg.teacher.store, expect_dataset=dataset_fingerprint(cfg.data),
                            expect_num_samples=num_samples, expect_num_classes=num_classes,
-                           verify="lazy")
+                           verify=True)   # every shard hashed at open, not in the step
     if cfg.method.name not in SAMPLED_METHODS:
         require_full(store, cfg.method.name, cfg.teacher.allow_topk_completion,
                      how_to_allow="--set teacher.allow_topk_completion=true")
