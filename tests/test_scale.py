@@ -129,3 +129,63 @@ def test_relabel_with_the_sharded_teacher_on_2_ranks_writes_the_1_rank_store(tmp
                                        rtol=2e-3, atol=2e-3, err_msg=a.name)
     # training from the sharded store works as from the other
     train_run(tmp_path, "st", "method.name=dis", "method.k=4", f"teacher.store={tmp_path / 'two'}")
+
+
+def _count_worker(rank, world, port, model_file, queue):
+    """One kd step's teacher batch and one sampled one from the sharded teacher, with every
+    all-gather / all-reduce counted (the largest number of elements any one moves)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from dkd.head.shard import shard_range
+        from dkd.teacher.sharded import ShardedTeacher, sharded_teacher_batch
+        largest = [0]
+        real_gather, real_reduce = dist.all_gather, dist.all_reduce
+
+        def gather(out, t, *a, **k):
+            largest[0] = max(largest[0], t.numel() * len(out))
+            return real_gather(out, t, *a, **k)
+
+        def reduce(t, *a, **k):
+            largest[0] = max(largest[0], t.numel())
+            return real_reduce(t, *a, **k)
+
+        dist.all_gather, dist.all_reduce = gather, reduce
+        teacher = ShardedTeacher(model_file, BIG_C, 8, torch.device("cpu"),
+                                 *shard_range(BIG_C, world, rank), dist.group.WORLD)
+        x = torch.randn(BATCH // world, 8)
+        sizes = [BATCH // world] * world
+        kd = sharded_teacher_batch(teacher, x, sizes, 0, False)
+        sampled = sharded_teacher_batch(teacher, x, sizes, 16, True)
+        sampled.column_logits(torch.randint(0, BIG_C, (BATCH, 5)))
+        if rank == 0:
+            queue.put((largest[0], tuple(kd.block.shape), tuple(sampled.ids.shape)))
+    finally:
+        dist.destroy_process_group()
+
+
+BIG_C, BATCH = 3000, 32
+
+
+def test_no_b_by_c_teacher_tensor_is_gathered(tmp_path):
+    from dkd.config import ModelConfig
+    from dkd.models import build_backbone
+    cfg = ModelConfig(arch="mlp", hidden=16, depth=1, feature_dim=8, norm="layer")
+    blob = {"model": cfg.model_dump(), "num_classes": BIG_C, "input_dim": 8,
+            "input_shape": (8,), "vocab_size": None,
+            "backbone": build_backbone(cfg, 8).state_dict(), "head": torch.randn(BIG_C, 8)}
+    torch.save(blob, tmp_path / "model.pt")
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), _port()
+    procs = [ctx.Process(target=_count_worker, args=(r, 2, port, tmp_path / "model.pt", queue))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    largest, kd_block, ids = queue.get(timeout=120)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert kd_block == (BATCH, BIG_C // 2) and ids == (BATCH, 16)
+    # features (B x d_t), top-K candidates (2 x B x 16), sampled columns (B x 5): all far
+    # below one (B, C) tensor
+    assert largest <= 2 * BATCH * 16 < BATCH * BIG_C
