@@ -25,7 +25,7 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Make the rename itself durable (a crash right after it keeps the new name)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -34,7 +34,7 @@ def _fsync_dir(directory: Path) -> None:
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        pass  # some file systems cannot fsync a directory; the rename is still atomic
     finally:
         os.close(fd)
 
@@ -54,7 +54,7 @@ def atomic_write_with(path: str | Path, write: Callable[[object], None]) -> None
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -25,17 +25,25 @@ def resolve_model_file(path: str | Path) -> Path:
     return path
 
 
+def load_model_file(path: str | Path, num_classes: int, input_dim: int,
+                    mmap: bool = False) -> tuple[Path, dict]:
+    """(path, contents) of a run's model.pt, refused unless it fits the dataset. mmap: map
+    the file instead of reading it (a class-sharded teacher copies out only its rows)."""
+    path = resolve_model_file(path)
+    blob = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    if blob["num_classes"] != num_classes:
+        raise ConfigError(f"teacher.checkpoint {path}: teacher has {blob['num_classes']} "
+                          f"classes but the dataset has {num_classes}")
+    if blob["input_dim"] != input_dim:
+        raise ConfigError(f"teacher.checkpoint {path}: teacher input size {blob['input_dim']} "
+                          f"differs from the dataset's {input_dim}")
+    return path, blob
+
+
 class LiveTeacher:
     def __init__(self, path: str | Path, num_classes: int, input_dim: int, device: torch.device,
                  input_shape=None, vocab_size=None):
-        path = resolve_model_file(path)
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-        if blob["num_classes"] != num_classes:
-            raise ConfigError(f"teacher.checkpoint {path}: teacher has {blob['num_classes']} "
-                              f"classes but the dataset has {num_classes}")
-        if blob["input_dim"] != input_dim:
-            raise ConfigError(f"teacher.checkpoint {path}: teacher input size {blob['input_dim']} "
-                              f"differs from the dataset's {input_dim}")
+        path, blob = load_model_file(path, num_classes, input_dim)
         self.model_cfg = ModelConfig.model_validate(blob["model"])
         self.backbone = build_backbone(self.model_cfg, input_dim,
                                        blob.get("input_shape", input_shape),

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from dkd.dist.functional import group_rank, group_size
-from dkd.atomic import atomic_write_json
+from dkd.atomic import atomic_write_json, fsync_dir
 from dkd.teacher.select import row_topk
 from dkd.sampling.rng import draw_key, row_uniforms
 from dkd.teacher.sparse_target import sampled_target
@@ -32,19 +32,6 @@ from dkd.teacher.store_plan import MANIFEST, StorePlan, _diff, choose_layout, fi
 _TMP_SUFFIX = ".tmp"
 SAMPLED_STREAM = 0x5A3D   # the draw stream of sampled stores (apart from training draws)
 HEAD_FILE = "teacher_head.npy"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory; the rename is still atomic
-    finally:
-        os.close(fd)
 
 
 class _HashingWriter:
@@ -71,7 +58,7 @@ def atomic_save_npy(path: Path, arr: np.ndarray) -> str:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return w.h.hexdigest()
 
 
@@ -217,7 +204,7 @@ class StoreWriter:
                 raise StoreError(f"{self.path}: a store with features needs its teacher head")
             manifest["head"] = head
         atomic_write_json(self.path / MANIFEST, manifest)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         return manifest
 
 

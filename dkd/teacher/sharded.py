@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dkd.config import ConfigError, ModelConfig
+from dkd.config import ModelConfig
 from dkd.dist.functional import gather_rows_nograd, merge_topk
 from dkd.head.kernels import column_logits
 from dkd.models import build_backbone
-from dkd.teacher.live import resolve_model_file
+from dkd.teacher.live import load_model_file
 from dkd.teacher.select import head_topk
 
 # Methods whose targets the class-sharded teacher can serve from its blocks.
@@ -32,14 +32,7 @@ SHARDED_TEACHER_METHODS = ("kd", "uniform", "ftis", "dis")
 class ShardedTeacher:
     def __init__(self, path: str | Path, num_classes: int, input_dim: int, device,
                  start: int, end: int, group, input_shape=None, vocab_size=None):
-        path = resolve_model_file(path)
-        blob = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        if blob["num_classes"] != num_classes:
-            raise ConfigError(f"teacher.checkpoint {path}: teacher has {blob['num_classes']} "
-                              f"classes but the dataset has {num_classes}")
-        if blob["input_dim"] != input_dim:
-            raise ConfigError(f"teacher.checkpoint {path}: teacher input size {blob['input_dim']} "
-                              f"differs from the dataset's {input_dim}")
+        path, blob = load_model_file(path, num_classes, input_dim, mmap=True)
         self.backbone = build_backbone(ModelConfig.model_validate(blob["model"]), input_dim,
                                        blob.get("input_shape", input_shape),
                                        blob.get("vocab_size", vocab_size))
